@@ -1,0 +1,6 @@
+"""Benchmark suites: load and validate prompts/*.yaml, extract relation predicates."""
+
+from .loader import SuiteError, available_suites, load_suite, parse_suite, prompts_dir
+from .model import Case, Subject, Suite
+
+__all__ = ["Case", "Subject", "Suite", "SuiteError", "available_suites", "load_suite", "parse_suite", "prompts_dir"]
