@@ -17,6 +17,7 @@ File format (YAML; documented in prompts/README.md):
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from .model import Case, Subject, Suite, phrase_in
 
 SUITE_SUFFIXES = (".yaml", ".yml", ".json")
 KINDS = {"single": 1, "multi": 2}
+# ids name folders in a run (images/<case_id>/): keep them path-safe
+CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class SuiteError(UserError):
@@ -133,6 +136,8 @@ def _parse_case(raw: Any, index: int, suite: str, subjects: dict[str, Subject], 
     for key in ("id", "kind", "subjects", "prompt", "boxes", "seed"):
         if key not in raw:
             raise fail(f"missing field {key!r}")
+    if not CASE_ID.match(str(raw["id"])):
+        raise fail("id may hold only letters, digits, '_', '.', '-' (it names a folder)")
     kind = raw["kind"]
     if kind not in KINDS:
         raise fail(f"kind {kind!r} must be 'single' or 'multi'")

@@ -1,0 +1,218 @@
+"""The `relbench` command. Thin: parse, call one function, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+
+class _Failed(click.ClickException):
+    exit_code = 2
+
+
+class _Group(click.Group):
+    """Turns a UserError anywhere below into one message and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise _Failed(exc.render()) from None
+
+
+def _backbone_options(f):
+    f = click.option("--weight", "weights", multiple=True, metavar="KEY=PATH_OR_ID",
+                     help="Replace one weight source of the backbone (e.g. sdxl=/models/sdxl-base).")(f)
+    f = click.option("--backbone", default="sdxl", show_default=True,
+                     help="Model preset: sdxl (real weights) or tiny (offline toy models).")(f)
+    return f
+
+
+def _parse_pairs(pairs, what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise UserError(f"{what} {pair!r} must look like KEY=VALUE")
+        out[key] = value
+    return out
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="relationbench")
+def cli():
+    """relbench: benchmark relation-aware customized image generation."""
+
+
+# -- prompts ------------------------------------------------------------------------------
+@cli.group(cls=_Group)
+def prompts():
+    """Benchmark suites and their cases."""
+
+
+@prompts.command("list")
+def prompts_list():
+    """Suites with their case counts."""
+    from tabulate import tabulate
+
+    from .suites import available_suites, load_suite
+
+    rows = []
+    for name in available_suites():
+        suite = load_suite(name)
+        counts = suite.counts()
+        rows.append([name, suite.version, len(suite.cases), counts["single"], counts["multi"], len(suite.subjects)])
+    click.echo(tabulate(rows, headers=["suite", "version", "cases", "single", "multi", "subjects"]))
+
+
+@prompts.command("show")
+@click.argument("case_id")
+def prompts_show(case_id):
+    """One case, found in any suite."""
+    from .suites import available_suites, load_suite
+
+    for name in available_suites():
+        try:
+            case = load_suite(name).case(case_id)
+        except KeyError:
+            continue
+        click.echo(json.dumps(case.as_record(), indent=2))
+        return
+    raise UserError(f"no suite has a case {case_id!r}", hint="see `relbench prompts export --suite NAME`")
+
+
+@prompts.command("export")
+@click.option("--suite", required=True, help="Suite name or file.")
+@click.option("--kind", type=click.Choice(["single", "multi"]), default=None)
+def prompts_export(suite, kind):
+    """Print the suite's cases, one JSON object per line."""
+    from .suites import load_suite
+
+    for case in load_suite(suite).cases:
+        if kind is None or case.kind == kind:
+            click.echo(json.dumps(case.as_record()))
+
+
+@prompts.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Name of the new suite (also its file name).")
+@click.option("--map", "mapping", multiple=True, metavar="FIELD=COLUMN", help="Read FIELD from COLUMN.")
+@click.option("--subjects-from", default="relationbench", show_default=True,
+              help="Suite whose subject registry names the subjects.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: prompts/NAME.yaml.")
+@click.option("--force", is_flag=True, help="Replace an existing suite file.")
+def prompts_import(file, name, mapping, subjects_from, out, force):
+    """Turn a JSON/JSONL/CSV case list into a suite (columns: see `relbench prompts import --help`).
+
+    Fields: id, kind, subjects, prompt, predicate, boxes, seed; only prompt and subjects are
+    required (defaults: ids from the name, kind from the subject count, predicate by spaCy,
+    standard boxes, seeds from the id).
+    """
+    from .suites import load_suite, prompts_dir
+    from .suites.importer import import_cases, write_suite
+
+    data = import_cases(file, name, load_suite(subjects_from), _parse_pairs(mapping, "--map"))
+    out = out or prompts_dir() / f"{name}.yaml"
+    write_suite(data, out, force=force)
+    click.echo(f"wrote {len(data['cases'])} cases to {out}")
+
+
+# -- data ---------------------------------------------------------------------------------
+_DATASETS = click.Choice(["dreambench", "customconcept101"])
+_data_dir = click.option("--data-dir", default=None, help="Subject image root (default: $RELBENCH_DATA or ~/.cache/relationbench/data).")
+
+
+@cli.group(cls=_Group)
+def data():
+    """Subject images: fetch, import, verify."""
+
+
+@data.command("fetch")
+@click.argument("name", type=_DATASETS)
+@_data_dir
+@click.option("--url", default=None, help="Download from this address instead.")
+@click.option("--quiet", is_flag=True)
+def data_fetch(name, data_dir, url, quiet):
+    """Download the original subject images."""
+    from . import data as datamod
+
+    dest = datamod.fetch(name, datamod.data_root(data_dir), url=url, quiet=quiet)
+    click.echo(f"{name}: ready in {dest}")
+
+
+@data.command("import")
+@click.argument("name", type=_DATASETS)
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@_data_dir
+def data_import(name, src, data_dir):
+    """Take a local copy (a folder or a zip) of a dataset's subject images."""
+    from . import data as datamod
+
+    dest = datamod.import_(name, src, datamod.data_root(data_dir))
+    click.echo(f"{name}: ready in {dest}")
+
+
+@data.command("verify")
+@click.argument("name", type=_DATASETS)
+@_data_dir
+def data_verify(name, data_dir):
+    """Re-check a dataset's files against its recorded checksums."""
+    from . import data as datamod
+
+    report = datamod.verify(name, datamod.data_root(data_dir))
+    click.echo(str(report))
+
+
+# -- methods ------------------------------------------------------------------------------
+@cli.command("methods")
+def methods_list():
+    """Registered method cards."""
+    from tabulate import tabulate
+
+    from .methods import default_registry
+
+    reg = default_registry()
+    rows = [[c.name, c.adapter, c.path] for c in (reg.card(n) for n in reg.names())]
+    click.echo(tabulate(rows, headers=["method", "adapter", "card"]))
+
+
+# -- generate -----------------------------------------------------------------------------
+@cli.command("generate")
+@click.option("--method", required=True, help="Method card name (see `relbench methods`) or card file.")
+@click.option("--suite", default="relationbench", show_default=True)
+@_backbone_options
+@click.option("--limit", type=int, default=None, help="Only the first N selected cases.")
+@click.option("--cases", multiple=True, help="Case ids (comma-separated, repeatable).")
+@click.option("--kind", type=click.Choice(["single", "multi"]), default=None)
+@click.option("--images-per-case", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--out", default=None, help="Run folder (default: results/SUITE/METHOD[@BACKBONE]).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True)
+@_data_dir
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def generate_cmd(method, suite, backbone, weights, limit, cases, kind, images_per_case, batch_size, out,
+                 device, dtype, data_dir, quiet):
+    """Generate images for a suite; rerun to resume."""
+    from .generate import GenerateOptions, generate
+
+    summary = generate(GenerateOptions(
+        method=method, suite=suite, backbone=backbone, weights=_parse_pairs(weights, "--weight"),
+        limit=limit, cases=cases, kind=kind, images_per_case=images_per_case, batch_size=batch_size,
+        out=out, device=device, dtype=dtype, data_dir=data_dir, quiet=quiet,
+    ))
+    click.echo(f"{summary.run_dir}: {summary.generated} generated, {summary.skipped} already done "
+               f"({summary.seconds:.1f} s)")
+
+
+def main(argv=None):
+    cli.main(args=argv, prog_name="relbench")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

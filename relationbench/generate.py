@@ -1,0 +1,253 @@
+"""Cases -> batches -> images: the resumable, shardable run loop behind `relbench generate`.
+
+Reads top to bottom: check every input, then prepare the run folder, then sample. Nothing
+is written before all checks pass.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import UserError
+from .runs import SEED_RULE, RunDir, sample_seed
+from .suites import Case, Suite, load_suite
+
+
+@dataclass
+class GenerateOptions:
+    method: str
+    suite: str
+    backbone: str = "sdxl"
+    weights: dict[str, str] = field(default_factory=dict)  # backbone weight overrides
+    limit: int | None = None
+    cases: Sequence[str] = ()
+    kind: str | None = None
+    images_per_case: int = 1
+    batch_size: int = 1
+    out: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    data_dir: str | None = None
+    quiet: bool = False
+
+
+@dataclass
+class GenerateSummary:
+    run_dir: Path
+    generated: int
+    skipped: int
+    total: int
+    seconds: float
+
+
+def select_cases(suite: Suite, ids: Sequence[str] = (), kind: str | None = None, limit: int | None = None) -> list[Case]:
+    """Cases in suite order: the given ids (all of them must exist), one kind, the first N."""
+    cases = list(suite.cases)
+    if ids:
+        wanted = list(dict.fromkeys(i.strip() for part in ids for i in part.split(",") if i.strip()))
+        known = {c.id for c in cases}
+        unknown = [i for i in wanted if i not in known]
+        if unknown:
+            raise UserError(
+                f"suite {suite.name!r} has no case(s) {', '.join(unknown)}",
+                hint=f"list the ids with `relbench prompts export --suite {suite.name}`",
+            )
+        keep = set(wanted)
+        cases = [c for c in cases if c.id in keep]
+    if kind is not None:
+        cases = [c for c in cases if c.kind == kind]
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1, got {limit}")
+        cases = cases[:limit]
+    if not cases:
+        raise UserError("no case selected", hint="check --cases, --kind and --limit")
+    return cases
+
+
+def default_out(suite: str, method: str, backbone: str) -> Path:
+    """results/<suite>/<card>, with @<backbone> added for anything but the real sdxl."""
+    name = method if backbone == "sdxl" else f"{method}@{backbone}"
+    return Path("results") / suite / name
+
+
+class Shard:
+    """This process's share of the work: rank r of w takes cases r, r+w, r+2w, ...
+
+    Under `accelerate launch` (WORLD_SIZE > 1) ranks come from accelerate; alone, 0 of 1.
+    """
+
+    def __init__(self):
+        self.state = None
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState()
+            self.rank, self.world = self.state.process_index, self.state.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def take(self, cases: list[Case]) -> list[Case]:
+        return cases[self.rank :: self.world]
+
+    def device(self, requested: str) -> str:
+        if self.state is not None and requested == "auto":
+            return str(self.state.device)
+        return requested
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def agree(self, ok: bool, message: str) -> None:
+        """Every process stops if the main one could not start (e.g. the run is locked)."""
+        if self.state is not None:
+            from accelerate.utils import broadcast_object_list
+
+            flag = [(ok, message)]
+            broadcast_object_list(flag, from_process=0)
+            ok, message = flag[0]
+        if not ok:
+            raise UserError(message)
+
+
+def run_meta(opts: GenerateOptions, suite: Suite, card, backbone, dtype_name: str) -> dict:
+    """What run.json records: enough to say exactly how every image was made."""
+    import diffusers
+    import torch
+    import transformers
+
+    return {
+        "suite": {"name": suite.name, "version": suite.version, "file_sha256": _sha256(suite.path)},
+        "method": {"name": card.name, "adapter": card.adapter, "version": card.version,
+                   "settings": card.settings, "digest": card.digest()},
+        "backbone": backbone.describe(),
+        "dtype": dtype_name,
+        "images_per_case": opts.images_per_case,
+        "seed_rule": SEED_RULE,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"relationbench": __version__, "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+        "git": _git_hash(),
+    }
+
+
+def generate(opts: GenerateOptions) -> GenerateSummary:
+    from tqdm.auto import tqdm
+
+    from .backbones import get_backbone
+    from .data import data_root, require_images
+    from .devices import dtype_name, resolve_device, resolve_dtype
+    from .methods import Context, Request, default_registry
+
+    # 1. check every input before anything is written
+    if opts.images_per_case < 1 or opts.batch_size < 1:
+        raise UserError("--images-per-case and --batch-size must be at least 1")
+    suite = load_suite(opts.suite)
+    cases = select_cases(suite, opts.cases, opts.kind, opts.limit)
+    card = default_registry().card(opts.method)
+    adapter = card.adapter_class()
+    backbone = get_backbone(opts.backbone, opts.weights)
+    backbone.check_available()
+    root = data_root(opts.data_dir)
+    if adapter.needs_references:
+        require_images({s.name: s for c in cases for s in c.subjects}.values(), root)
+    shard = Shard()
+    device = resolve_device(shard.device(opts.device))
+    dtype = resolve_dtype(opts.dtype, device)
+    method = card.build(Context(backbone=backbone, device=device, dtype=dtype, data_root=root, quiet=opts.quiet))
+    run = RunDir(opts.out or default_out(suite.name, card.name, backbone.name))
+
+    # 2. the run folder: one launch writes it; the main process locks, repairs, records
+    with _main_lock(run, shard):
+        if shard.main:
+            run.start(run_meta(opts, suite, card, backbone, dtype_name(dtype)))
+        shard.barrier()
+        done = run.finished()
+        mine = shard.take(cases)
+        work = [
+            Request(c, k, sample_seed(c.seed, k))
+            for c in mine
+            for k in range(opts.images_per_case)
+            if (c.id, k) not in done
+        ]
+        skipped = len(mine) * opts.images_per_case - len(work)
+
+        # 3. sample, batch by batch; each finished batch is on disk and in the manifest
+        start = time.perf_counter()
+        if work:
+            method.prepare(sorted({r.case for r in work}, key=cases.index))
+        bar = tqdm(total=len(work), unit="img", desc=f"{card.name} · {suite.name}",
+                   disable=opts.quiet or not shard.main)
+        for i in range(0, len(work), opts.batch_size):
+            batch = work[i : i + opts.batch_size]
+            t0 = time.perf_counter()
+            samples = method.generate(batch)
+            if len(samples) != len(batch):
+                raise RuntimeError(f"{card.adapter} returned {len(samples)} images for {len(batch)} requests")
+            per_image = (time.perf_counter() - t0) / len(batch)
+            records = []
+            for req, sample in zip(batch, samples):
+                path = run.save_image(req.case.id, req.index, sample.image)
+                records.append({
+                    "case_id": req.case.id, "index": req.index, "seed": req.seed, "path": path,
+                    "kind": req.case.kind, "subjects": [s.name for s in req.case.subjects],
+                    "time_s": round(per_image, 4), "device": device, "rank": shard.rank,
+                    **sample.meta,
+                })
+            run.append(records)
+            bar.update(len(batch))
+        bar.close()
+        shard.barrier()
+    return GenerateSummary(run.root, len(work), skipped, len(mine) * opts.images_per_case,
+                           time.perf_counter() - start)
+
+
+class _main_lock:
+    """The main process holds the run lock for the whole launch; the others follow it."""
+
+    def __init__(self, run: RunDir, shard: Shard):
+        self.run, self.shard, self.ctx = run, shard, None
+
+    def __enter__(self):
+        error = ""
+        if self.shard.main:
+            self.ctx = self.run.lock()
+            try:
+                self.ctx.__enter__()
+                self.run.repair()
+            except UserError as exc:
+                self.ctx, error = None, exc.render()
+        self.shard.agree(not error, error)
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _git_hash() -> str | None:
+    """The project's commit, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

@@ -1,0 +1,27 @@
+"""Pieces every diffusion adapter shares: per-request initial noise and the PIL output."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .base import Request
+
+
+def initial_latents(requests: Sequence[Request], shape: tuple[int, ...], device, dtype):
+    """Initial noise, drawn per request on the CPU from the request's own seed.
+
+    Each image's noise depends only on its seed, never on the batch it lands in or the
+    device, so batch size, order and sharding never change an image.
+    """
+    import torch
+
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(r.seed)) for r in requests]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+def request_generators(requests: Sequence[Request], device) -> list:
+    """One generator per request (for schedulers that draw noise during sampling)."""
+    import torch
+
+    gen_device = "cpu" if str(device).startswith("mps") else device
+    return [torch.Generator(gen_device).manual_seed(r.seed) for r in requests]

@@ -1,0 +1,73 @@
+"""Plain text-to-image SDXL: the leaderboard's no-personalization row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+from .base import Context, Request, Sample
+from .sampling import initial_latents, request_generators
+
+
+@dataclass(frozen=True)
+class SDXLSettings:
+    steps: int = 30
+    guidance_scale: float = 5.0  # diffusers' SDXL default
+    negative_prompt: str = ""  # empty: SDXL base zeroes the negative embedding
+    prompt_prefix: str = ""
+    height: int | None = None  # None: the backbone's resolution
+    width: int | None = None
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for side in (self.height, self.width):
+            if side is not None and side % 8:
+                raise ValueError(f"height and width must be multiples of 8, got {side}")
+
+
+class SDXLMethod:
+    """SDXL with the case prompt only; subject images are not used."""
+
+    Settings = SDXLSettings
+    needs_references: ClassVar[bool] = False
+
+    def __init__(self, settings: SDXLSettings, context: Context):
+        self.settings = settings
+        self.context = context
+        self._pipe = None
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            self._pipe = self.context.backbone.sdxl_pipeline(device=self.context.device, dtype=self.context.dtype)
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    def size(self) -> tuple[int, int]:
+        res = self.context.backbone.resolution
+        return (self.settings.height or res, self.settings.width or res)
+
+    def prepare(self, cases) -> None:
+        self.pipe  # load once before the progress bar starts
+
+    def generate(self, requests: Sequence[Request]) -> list[Sample]:
+        import torch
+
+        s, pipe = self.settings, self.pipe
+        height, width = self.size()
+        prompts = [s.prompt_prefix + r.case.prompt for r in requests]
+        shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        with torch.inference_mode():
+            images = pipe(
+                prompt=prompts,
+                negative_prompt=[s.negative_prompt] * len(requests) if s.negative_prompt else None,
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance_scale,
+                height=height,
+                width=width,
+                latents=initial_latents(requests, shape, self.context.device, pipe.unet.dtype),
+                generator=request_generators(requests, self.context.device),
+                output_type="pil",
+            ).images
+        return [Sample(img, {"prompt": p}) for img, p in zip(images, prompts)]
