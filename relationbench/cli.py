@@ -166,6 +166,8 @@ def data_verify(name, data_dir):
 
     report = datamod.verify(name, datamod.data_root(data_dir))
     click.echo(str(report))
+    if not report.ok:
+        raise UserError(f"{name}: files differ from their recorded checksums", hint=f"fetch or import {name} again")
 
 
 # -- methods ------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""Test-wide settings: never touch the network, keep caches inside the test's tmp dirs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture
+def shared_dreambench() -> Path:
+    path = SHARED / "data" / "dreambench"
+    if not path.is_dir():
+        pytest.skip("../shared/data/dreambench is not beside this checkout")
+    return path
+
+
+def mini_suite_data(**case_overrides) -> dict:
+    """A valid two-case suite; tests break one field at a time."""
+    single = {"id": "t-s-1", "kind": "single", "subjects": ["dog"], "prompt": "a dog riding a bicycle",
+              "predicate": "riding", "boxes": [[0.1, 0.1, 0.9, 0.9]], "seed": 7}
+    multi = {"id": "t-m-1", "kind": "multi", "subjects": ["dog", "bear"],
+             "prompt": "a dog hugging a bear plushie", "predicate": "hugging",
+             "boxes": [[0.05, 0.2, 0.6, 0.9], [0.4, 0.2, 0.95, 0.9]], "seed": 8}
+    multi.update(case_overrides)
+    return {
+        "suite": "mini",
+        "version": 1,
+        "subjects": {"dog": {"class": "dog", "source": "dreambench", "dir": "dog"},
+                     "bear": {"class": "bear plushie", "source": "dreambench", "dir": "bear_plushie"}},
+        "cases": [single, multi],
+    }
+
+
+@pytest.fixture
+def write_suite(tmp_path):
+    def _write(data: dict, name: str = "mini.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return _write

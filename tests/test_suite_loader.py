@@ -1,0 +1,72 @@
+"""Suite validation: every bad input names the file and the case."""
+
+from __future__ import annotations
+
+import pytest
+
+from relationbench.suites import SuiteError, load_suite
+
+from .conftest import mini_suite_data
+
+
+def test_valid_suite_loads(write_suite):
+    suite = load_suite(write_suite(mini_suite_data()))
+    assert [c.id for c in suite.cases] == ["t-s-1", "t-m-1"]
+    multi = suite.case("t-m-1")
+    assert multi.subjects[1].class_noun == "bear plushie"
+    assert multi.boxes[1] == (0.4, 0.2, 0.95, 0.9)
+    assert suite.counts() == {"single": 1, "multi": 1}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"id": "t-s-1"}, "duplicate id"),
+        ({"boxes": [[0.05, 0.2, 0.6, 0.9], [0.4, 0.2, 1.2, 0.9]]}, "outside [0, 1]"),
+        ({"boxes": [[0.6, 0.2, 0.5, 0.9], [0.4, 0.2, 0.9, 0.9]]}, "x0 < x1"),
+        ({"boxes": [[0.1, 0.1, 0.9, 0.9]]}, "needs 2 box"),
+        ({"subjects": ["dog", "unicorn"]}, "unknown subject"),
+        ({"predicate": "kissing"}, "predicate 'kissing' not found"),
+        ({"prompt": "a dog hugging a teddy"}, "class noun 'bear plushie'"),
+        ({"kind": "pair"}, "kind"),
+        ({"seed": -1}, "seed"),
+        ({"id": "../escape"}, "id may hold only"),
+        ({"subjects": ["dog"]}, "multi case has 2 subject"),
+    ],
+)
+def test_bad_case_names_file_and_case(write_suite, override, message):
+    path = write_suite(mini_suite_data(**override))
+    with pytest.raises(SuiteError) as err:
+        load_suite(path)
+    text = str(err.value)
+    assert message in text
+    assert str(path) in text
+    assert "case " in text
+
+
+def test_missing_field_and_bad_yaml(write_suite, tmp_path):
+    data = mini_suite_data()
+    del data["cases"][1]["boxes"]
+    with pytest.raises(SuiteError, match="t-m-1: missing field 'boxes'"):
+        load_suite(write_suite(data))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("suite: [unclosed\n")
+    with pytest.raises(SuiteError, match="not valid YAML"):
+        load_suite(bad)
+
+
+def test_unknown_suite_lists_known():
+    from relationbench.errors import UserError
+
+    with pytest.raises(UserError, match="unknown suite 'nope'"):
+        load_suite("nope")
+
+
+def test_personalized_prompt_puts_identifier_before_class(write_suite):
+    suite = load_suite(write_suite(mini_suite_data()))
+    case = suite.case("t-m-1")
+    assert case.personalized_prompt(["sks", "zwx"]) == "a sks dog hugging a zwx bear plushie"
+    same_class = mini_suite_data(subjects=["dog", "dog"], prompt="a dog hugging a dog")
+    same_class["cases"][1]["predicate"] = "hugging"
+    case = load_suite(write_suite(same_class, "same.yaml")).case("t-m-1")
+    assert case.personalized_prompt(["sks", "zwx"]) == "a sks dog hugging a zwx dog"
