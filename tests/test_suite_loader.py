@@ -70,3 +70,20 @@ def test_personalized_prompt_puts_identifier_before_class(write_suite):
     same_class["cases"][1]["predicate"] = "hugging"
     case = load_suite(write_suite(same_class, "same.yaml")).case("t-m-1")
     assert case.personalized_prompt(["sks", "zwx"]) == "a sks dog hugging a zwx dog"
+
+
+def test_one_mention_for_two_subjects_refused(write_suite):
+    data = mini_suite_data(subjects=["dog", "dog"], prompt="a dog hugging its friend")
+    with pytest.raises(SuiteError, match="fewer separate class-noun mentions"):
+        load_suite(write_suite(data))
+
+
+def test_bad_version_and_missing_file(write_suite, tmp_path):
+    from relationbench.errors import UserError
+
+    data = mini_suite_data()
+    data["version"] = "one"
+    with pytest.raises(SuiteError, match="version must be an integer"):
+        load_suite(write_suite(data))
+    with pytest.raises(UserError, match="suite file not found"):
+        load_suite(tmp_path / "absent.yaml")

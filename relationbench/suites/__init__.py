@@ -2,5 +2,6 @@
 
 from .loader import SuiteError, available_suites, load_suite, parse_suite, prompts_dir
 from .model import Case, Subject, Suite
+from .predicates import extract_predicate, predicate_backend
 
-__all__ = ["Case", "Subject", "Suite", "SuiteError", "available_suites", "load_suite", "parse_suite", "prompts_dir"]
+__all__ = ["Case", "Subject", "Suite", "SuiteError", "available_suites", "extract_predicate", "predicate_backend", "load_suite", "parse_suite", "prompts_dir"]

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from .model import Case, Subject, Suite, phrase_in
+from .model import Case, Subject, Suite, find_phrase, phrase_in
 
 SUITE_SUFFIXES = (".yaml", ".yml", ".json")
 KINDS = {"single": 1, "multi": 2}
@@ -50,7 +50,9 @@ def available_suites(directory: Path | None = None) -> dict[str, Path]:
 
 def resolve_suite_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
-    if path.suffix in SUITE_SUFFIXES and path.exists():
+    if path.suffix in SUITE_SUFFIXES or len(path.parts) > 1:
+        if not path.is_file():
+            raise UserError("suite file not found", path=path, hint="check the path, or pass a suite name")
         return path
     suites = available_suites()
     if str(name_or_path) in suites:
@@ -79,6 +81,10 @@ def parse_suite(data: Any, path: Path) -> Suite:
         if key not in data:
             raise SuiteError(f"missing top-level key {key!r}", path=path)
     name = str(data["suite"])
+    try:
+        version = int(data.get("version", 1))
+    except (TypeError, ValueError):
+        raise SuiteError(f"version must be an integer, got {data.get('version')!r}", path=path) from None
     subjects = _parse_subjects(data["subjects"], path)
     if not isinstance(data["cases"], list) or not data["cases"]:
         raise SuiteError("'cases' must be a non-empty list", path=path)
@@ -96,7 +102,7 @@ def parse_suite(data: Any, path: Path) -> Suite:
         cases.append(case)
     return Suite(
         name=name,
-        version=int(data.get("version", 1)),
+        version=version,
         description=str(data.get("description", "")).strip(),
         path=str(path),
         subjects=subjects,
@@ -165,6 +171,12 @@ def _parse_case(raw: Any, index: int, suite: str, subjects: dict[str, Subject], 
                 f"class noun {s.class_noun!r} of subject {s.name!r} not found in prompt {prompt!r}",
                 hint="the prompt must name each subject by its class noun",
             )
+    spans = _mention_spans(prompt, [s.class_noun for s in case_subjects])
+    if len(set(spans)) != len(spans):
+        raise fail(
+            f"the prompt {prompt!r} names the {len(spans)} subjects with fewer separate class-noun mentions",
+            hint="name each subject by its own class noun in the prompt",
+        )
     predicate = raw.get("predicate")
     if predicate is not None and not phrase_in(prompt, str(predicate)):
         raise fail(f"predicate {predicate!r} not found in prompt {prompt!r}")
@@ -183,6 +195,16 @@ def _parse_case(raw: Any, index: int, suite: str, subjects: dict[str, Subject], 
         seed=seed,
         relation=raw.get("relation"),
     )
+
+
+def _mention_spans(prompt: str, nouns: list[str]) -> list[tuple[int, int]]:
+    """Where Case.class_spans will find each subject (the same search, before the Case exists)."""
+    spans, start = [], 0
+    for noun in nouns:
+        span = find_phrase(prompt, noun, start) or find_phrase(prompt, noun)
+        spans.append(span)
+        start = span[1]
+    return spans
 
 
 def _parse_boxes(raw: Any, n: int, fail) -> tuple[tuple[float, float, float, float], ...]:

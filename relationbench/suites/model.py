@@ -57,7 +57,7 @@ class Case:
         spans: list[tuple[int, int]] = []
         start = 0
         for subject in self.subjects:
-            match = _find_word(self.prompt, subject.class_noun, start) or _find_word(
+            match = find_phrase(self.prompt, subject.class_noun, start) or find_phrase(
                 self.prompt, subject.class_noun, 0
             )
             if match is None:
@@ -116,7 +116,7 @@ class Suite:
         return out
 
 
-def _find_word(text: str, phrase: str, start: int) -> tuple[int, int] | None:
+def find_phrase(text: str, phrase: str, start: int = 0) -> tuple[int, int] | None:
     """Case-insensitive whole-word search for `phrase` in text[start:]."""
     pattern = re.compile(r"(?<![\w-])" + re.escape(phrase) + r"(?![\w-])", re.IGNORECASE)
     m = pattern.search(text, start)
@@ -125,4 +125,4 @@ def _find_word(text: str, phrase: str, start: int) -> tuple[int, int] | None:
 
 def phrase_in(text: str, phrase: str) -> bool:
     """True when `phrase` occurs in `text` as whole words (case-insensitive)."""
-    return _find_word(text, phrase, 0) is not None
+    return find_phrase(text, phrase) is not None

