@@ -196,23 +196,28 @@ def methods_list():
 @click.option("--out", default=None, help="Run folder (default: results/SUITE/METHOD[@BACKBONE]).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True)
+@click.option("--batch-invariant/--no-batch-invariant", default=None,
+              help="Pad small batches so batch size never changes an image's bytes (default: on for the CPU).")
 @_data_dir
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate_cmd(method, suite, backbone, weights, limit, cases, kind, images_per_case, batch_size, out,
-                 device, dtype, data_dir, quiet):
+                 device, dtype, batch_invariant, data_dir, quiet):
     """Generate images for a suite; rerun to resume."""
     from .generate import GenerateOptions, generate
 
     summary = generate(GenerateOptions(
         method=method, suite=suite, backbone=backbone, weights=_parse_pairs(weights, "--weight"),
         limit=limit, cases=cases, kind=kind, images_per_case=images_per_case, batch_size=batch_size,
-        out=out, device=device, dtype=dtype, data_dir=data_dir, quiet=quiet,
+        out=out, device=device, dtype=dtype, data_dir=data_dir, quiet=quiet, batch_invariant=batch_invariant,
     ))
     click.echo(f"{summary.run_dir}: {summary.generated} generated, {summary.skipped} already done "
                f"({summary.seconds:.1f} s)")
 
 
 def main(argv=None):
+    from .generate import cpu_reproducible_env
+
+    cpu_reproducible_env()  # before any GEMM of this process (see generate.py)
     cli.main(args=argv, prog_name="relbench")
 
 

@@ -20,6 +20,23 @@ from .runs import SEED_RULE, RunDir, sample_seed
 from .suites import Case, Suite, load_suite
 
 
+# On the CPU, batch size must not change an image's bytes. Two things in MKL's fp32 GEMM do:
+# its default mode picks kernels whose rounding depends on the row count (fixed by strict
+# conditional-numerical-reproducibility mode, which MKL reads at its first call), and calls
+# with fewer than 4 rows take another path even then (avoided by padding each model call to
+# 4 requests: the pooled text projection sees one row per prompt). The padding costs time
+# at small batch sizes, so it is on by default on the CPU only (--batch-invariant). GPUs make
+# no such promise: there, batch size changes images within floating-point tolerance only.
+CPU_REPRODUCIBLE_ENV = {"MKL_CBWR": "AUTO,STRICT"}
+INVARIANT_MIN_BATCH = 4
+
+
+def cpu_reproducible_env() -> None:
+    """Ask MKL for strict reproducibility; takes effect if no GEMM ran in this process yet."""
+    for key, value in CPU_REPRODUCIBLE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 @dataclass
 class GenerateOptions:
     method: str
@@ -36,6 +53,7 @@ class GenerateOptions:
     dtype: str = "auto"
     data_dir: str | None = None
     quiet: bool = False
+    batch_invariant: bool | None = None  # None: on for the CPU (see INVARIANT_MIN_BATCH)
 
 
 @dataclass
@@ -164,6 +182,10 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
         require_images({s.name: s for c in cases for s in c.subjects}.values(), root)
     shard = Shard()
     device = resolve_device(shard.device(opts.device))
+    if device == "cpu":
+        cpu_reproducible_env()
+    invariant = device == "cpu" if opts.batch_invariant is None else opts.batch_invariant
+    min_batch = INVARIANT_MIN_BATCH if invariant else 1
     dtype = resolve_dtype(opts.dtype, device)
     method = card.build(Context(backbone=backbone, device=device, dtype=dtype, data_root=root, quiet=opts.quiet))
     run = RunDir(opts.out or default_out(suite.name, card.name, backbone.name))
@@ -192,7 +214,7 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
         for i in range(0, len(work), opts.batch_size):
             batch = work[i : i + opts.batch_size]
             t0 = time.perf_counter()
-            samples = method.generate(batch)
+            samples = _generate_padded(method, batch, min_batch)
             if len(samples) != len(batch):
                 raise RuntimeError(f"{card.adapter} returned {len(samples)} images for {len(batch)} requests")
             per_image = (time.perf_counter() - t0) / len(batch)
@@ -211,6 +233,12 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
         shard.barrier()
     return GenerateSummary(run.root, len(work), skipped, len(mine) * opts.images_per_case,
                            time.perf_counter() - start)
+
+
+def _generate_padded(method, batch: list, min_batch: int) -> list:
+    """method.generate(batch), repeating the last request up to min_batch and dropping extras."""
+    padded = batch + [batch[-1]] * (min_batch - len(batch))
+    return method.generate(padded)[: len(batch)]
 
 
 class _main_lock:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 from .base import Context, Request, Sample
-from .sampling import initial_latents, request_generators
+from .sampling import initial_latents, quiet_sliced, request_generators
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,9 @@ class SDXLMethod:
     @property
     def pipe(self):
         if self._pipe is None:
-            self._pipe = self.context.backbone.sdxl_pipeline(device=self.context.device, dtype=self.context.dtype)
-            self._pipe.set_progress_bar_config(disable=True)
+            self._pipe = quiet_sliced(
+                self.context.backbone.sdxl_pipeline(device=self.context.device, dtype=self.context.dtype)
+            )
         return self._pipe
 
     def size(self) -> tuple[int, int]:
