@@ -106,9 +106,11 @@ class Shard:
         self.state = None
         self.rank, self.world = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
             from accelerate import PartialState
 
-            self.state = PartialState()
+            # without cpu=True, accelerate ignores a CPU-only launch and every process is rank 0
+            self.state = PartialState(cpu=not torch.cuda.is_available())
             self.rank, self.world = self.state.process_index, self.state.num_processes
 
     @property
@@ -120,7 +122,8 @@ class Shard:
 
     def device(self, requested: str) -> str:
         if self.state is not None and requested == "auto":
-            return str(self.state.device)
+            device = self.state.device
+            return "cpu" if device.type == "cpu" else str(device)
         return requested
 
     def barrier(self) -> None:

@@ -6,6 +6,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # batch-invariant CPU GEMMs (generate.py)
 
 from pathlib import Path  # noqa: E402
 
