@@ -102,6 +102,7 @@ def build_suite(classes: dict[str, str], templates: dict[str, list[str]]) -> dic
     return {
         "suite": "dreambench",
         "version": 1,
+        "images_per_case": 4,  # the DreamBooth protocol: 4 images per subject and prompt (3,000)
         "description": (
             "DreamBench (DreamBooth, Ruiz et al., CVPR 2023): 30 subjects x their 25 prompt templates"
             " (object or live) = 750 single-subject cases, exactly as dataset/prompts_and_classes.txt"

@@ -66,8 +66,9 @@ def prompts_list():
     for name in available_suites():
         suite = load_suite(name)
         counts = suite.counts()
-        rows.append([name, suite.version, len(suite.cases), counts["single"], counts["multi"], len(suite.subjects)])
-    click.echo(tabulate(rows, headers=["suite", "version", "cases", "single", "multi", "subjects"]))
+        rows.append([name, suite.version, len(suite.cases), counts["single"], counts["multi"], len(suite.subjects),
+                     suite.images_per_case])
+    click.echo(tabulate(rows, headers=["suite", "version", "cases", "single", "multi", "subjects", "images/case"]))
 
 
 @prompts.command("show")
@@ -191,7 +192,7 @@ def methods_list():
 @click.option("--limit", type=int, default=None, help="Only the first N selected cases.")
 @click.option("--cases", multiple=True, help="Case ids (comma-separated, repeatable).")
 @click.option("--kind", type=click.Choice(["single", "multi"]), default=None)
-@click.option("--images-per-case", type=int, default=1, show_default=True)
+@click.option("--images-per-case", type=int, default=None, help="Samples per case (default: the suite's, e.g. 4 for dreambench).")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--out", default=None, help="Run folder (default: results/SUITE/METHOD[@BACKBONE]).")
 @click.option("--device", default="auto", show_default=True)

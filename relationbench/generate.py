@@ -47,7 +47,7 @@ class GenerateOptions:
     limit: int | None = None
     cases: Sequence[str] = ()
     kind: str | None = None
-    images_per_case: int = 1
+    images_per_case: int | None = None  # None: the suite's default
     batch_size: int = 1
     out: str | None = None
     device: str = "auto"
@@ -143,7 +143,7 @@ class Shard:
             raise UserError(message)
 
 
-def run_meta(opts: GenerateOptions, suite: Suite, card, backbone, dtype_name: str) -> dict:
+def run_meta(suite: Suite, card, backbone, dtype_name: str, images_per_case: int) -> dict:
     """What run.json records: enough to say exactly how every image was made."""
     import diffusers
     import torch
@@ -155,7 +155,7 @@ def run_meta(opts: GenerateOptions, suite: Suite, card, backbone, dtype_name: st
                    "settings": card.settings, "digest": card.digest()},
         "backbone": backbone.describe(),
         "dtype": dtype_name,
-        "images_per_case": opts.images_per_case,
+        "images_per_case": images_per_case,
         "seed_rule": SEED_RULE,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"relationbench": __version__, "torch": torch.__version__,
@@ -173,9 +173,10 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
     from .methods import Context, Request, default_registry
 
     # 1. check every input before anything is written
-    if opts.images_per_case < 1 or opts.batch_size < 1:
+    if (opts.images_per_case is not None and opts.images_per_case < 1) or opts.batch_size < 1:
         raise UserError("--images-per-case and --batch-size must be at least 1")
     suite = load_suite(opts.suite)
+    per_case = opts.images_per_case or suite.images_per_case
     cases = select_cases(suite, opts.cases, opts.kind, opts.limit)
     card = default_registry().card(opts.method)
     adapter = card.adapter_class()
@@ -197,17 +198,17 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
     # 2. the run folder: one launch writes it; the main process locks, repairs, records
     with _main_lock(run, shard):
         if shard.main:
-            run.start(run_meta(opts, suite, card, backbone, dtype_name(dtype)))
+            run.start(run_meta(suite, card, backbone, dtype_name(dtype), per_case))
         shard.barrier()
         done = run.finished()
         mine = shard.take(cases)
         work = [
             Request(c, k, sample_seed(c.seed, k))
             for c in mine
-            for k in range(opts.images_per_case)
+            for k in range(per_case)
             if (c.id, k) not in done
         ]
-        skipped = len(mine) * opts.images_per_case - len(work)
+        skipped = len(mine) * per_case - len(work)
 
         # 3. sample, batch by batch; each finished batch is on disk and in the manifest
         start = time.perf_counter()
@@ -235,7 +236,7 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
                 ])
                 bar.update(len(batch))
         shard.barrier()
-    return GenerateSummary(run.root, len(work), skipped, len(mine) * opts.images_per_case,
+    return GenerateSummary(run.root, len(work), skipped, len(mine) * per_case,
                            time.perf_counter() - start)
 
 

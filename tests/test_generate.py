@@ -231,3 +231,13 @@ def test_sharded_with_accelerate(tmp_path, fast_card):
     finally:
         torch.set_num_threads(threads)
     assert images(out) == images(ref)
+
+
+def test_suite_default_images_per_case(tmp_path, fast_card):
+    """DreamBench's protocol is 4 images per subject and prompt: the suite file says so."""
+    out = tmp_path / "db"
+    res = gen("--method", str(fast_card), "--suite", "dreambench", "--cases", "db-dog-00", "--batch-size", "4",
+              "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert RunDir(out).finished() == {("db-dog-00", k) for k in range(4)}
+    assert json.loads((out / "run.json").read_text())["images_per_case"] == 4

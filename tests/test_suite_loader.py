@@ -87,3 +87,13 @@ def test_bad_version_and_missing_file(write_suite, tmp_path):
         load_suite(write_suite(data))
     with pytest.raises(UserError, match="suite file not found"):
         load_suite(tmp_path / "absent.yaml")
+
+
+def test_images_per_case(write_suite):
+    data = mini_suite_data()
+    assert load_suite(write_suite(data)).images_per_case == 1
+    data["images_per_case"] = 4
+    assert load_suite(write_suite(data, "four.yaml")).images_per_case == 4
+    data["images_per_case"] = 0
+    with pytest.raises(SuiteError, match="images_per_case must be a positive integer"):
+        load_suite(write_suite(data, "zero.yaml"))

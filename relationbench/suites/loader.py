@@ -4,6 +4,7 @@ File format (YAML; documented in prompts/README.md):
 
     suite: relationbench          # name, also the file stem
     version: 1
+    images_per_case: 1            # optional: the protocol's samples per case (DreamBench: 4)
     description: ...
     license: ...                  # optional notice carried with derived files
     subjects:                     # registry: name -> class noun and image location
@@ -87,6 +88,9 @@ def parse_suite(data: Any, path: Path) -> Suite:
         version = int(data.get("version", 1))
     except (TypeError, ValueError):
         raise SuiteError(f"version must be an integer, got {data.get('version')!r}", path=path) from None
+    images_per_case = data.get("images_per_case", 1)
+    if not isinstance(images_per_case, int) or isinstance(images_per_case, bool) or images_per_case < 1:
+        raise SuiteError(f"images_per_case must be a positive integer, got {images_per_case!r}", path=path)
     subjects = _parse_subjects(data["subjects"], path)
     if not isinstance(data["cases"], list) or not data["cases"]:
         raise SuiteError("'cases' must be a non-empty list", path=path)
@@ -111,6 +115,7 @@ def parse_suite(data: Any, path: Path) -> Suite:
         cases=tuple(cases),
         license=data.get("license"),
         relations=tuple(data.get("relations") or ()),
+        images_per_case=images_per_case,
     )
 
 

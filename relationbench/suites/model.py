@@ -102,6 +102,7 @@ class Suite:
     cases: tuple[Case, ...]
     license: str | None = None
     relations: tuple[dict, ...] = field(default=())
+    images_per_case: int = 1  # the suite's protocol default (DreamBench: 4)
 
     def case(self, case_id: str) -> Case:
         for c in self.cases:
