@@ -6,6 +6,7 @@ is written before all checks pass.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import subprocess
@@ -196,10 +197,8 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
     run = RunDir(opts.out or default_out(suite.name, card.name, backbone.name))
 
     # 2. the run folder: one launch writes it; the main process locks, repairs, records
-    with _main_lock(run, shard):
-        if shard.main:
-            run.start(run_meta(suite, card, backbone, dtype_name(dtype), per_case))
-        shard.barrier()
+    meta = run_meta(suite, card, backbone, dtype_name(dtype), per_case) if shard.main else None
+    with _main_lock(run, shard, meta):
         done = run.finished()
         mine = shard.take(cases)
         work = [
@@ -247,26 +246,28 @@ def _generate_padded(method, batch: list, min_batch: int) -> list:
 
 
 class _main_lock:
-    """The main process holds the run lock for the whole launch; the others follow it."""
+    """The main process holds the run lock for the whole launch, repairs the folder and
+    writes run.json; the others start only once it has, or stop with its error."""
 
-    def __init__(self, run: RunDir, shard: Shard):
-        self.run, self.shard, self.ctx = run, shard, None
+    def __init__(self, run: RunDir, shard: Shard, meta: dict | None):
+        self.run, self.shard, self.meta = run, shard, meta
+        self.held = contextlib.ExitStack()
 
     def __enter__(self):
         error = ""
         if self.shard.main:
-            self.ctx = self.run.lock()
             try:
-                self.ctx.__enter__()
+                self.held.enter_context(self.run.lock())
                 self.run.repair()
+                self.run.start(self.meta)
             except UserError as exc:
-                self.ctx, error = None, exc.render()
+                self.held.close()
+                error = exc.render()
         self.shard.agree(not error, error)
         return self
 
     def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
+        self.held.close()
         return False
 
 

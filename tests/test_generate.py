@@ -204,15 +204,20 @@ def test_locked_run_refused(tmp_path, fast_card):
     assert not (out / "manifest.jsonl").exists()
 
 
-def test_sharded_with_accelerate(tmp_path, fast_card):
-    """Two CPU processes under `accelerate launch` split the cases; the manifest is whole."""
-    out = tmp_path / "sharded"
+def launch_two(card: str, out: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch` of generate in two CPU processes (gloo), one thread each."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "relationbench.cli", "generate", "--method", str(fast_card), "--backbone", "tiny",
+           "-m", "relationbench.cli", "generate", "--method", card, "--backbone", "tiny",
            "--limit", "5", "--images-per-case", "2", "--batch-size", "2", "--out", str(out), "--quiet"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_sharded_with_accelerate(tmp_path, fast_card):
+    """Two CPU processes under `accelerate launch` split the cases; the manifest is whole."""
+    out = tmp_path / "sharded"
+    proc = launch_two(str(fast_card), out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = RunDir(out).records()
     keys = [(r["case_id"], r["index"]) for r in records]
@@ -241,3 +246,14 @@ def test_suite_default_images_per_case(tmp_path, fast_card):
     assert res.exit_code == 0, res.output
     assert RunDir(out).finished() == {("db-dog-00", k) for k in range(4)}
     assert json.loads((out / "run.json").read_text())["images_per_case"] == 4
+
+
+def test_sharded_launch_stops_together_on_a_bad_run(tmp_path, fast_card):
+    """The main process's refusal (another run in the folder) stops both, none hangs."""
+    out = tmp_path / "run"
+    gen("--method", "sdxl", "--limit", "1", "--out", str(out))
+    manifest = (out / "manifest.jsonl").read_bytes()
+    proc = launch_two(str(fast_card), out)
+    assert proc.returncode != 0
+    assert proc.stderr.count("differs in: method") == 2  # both processes say why
+    assert (out / "manifest.jsonl").read_bytes() == manifest
