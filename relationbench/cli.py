@@ -73,8 +73,12 @@ def prompts_list():
 
 @prompts.command("show")
 @click.argument("case_id")
-def prompts_show(case_id):
-    """One case, found in any suite."""
+@click.option("--draw", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the case's layout (boxes and labels) into this PNG.")
+def prompts_show(case_id, draw):
+    """One case, found in any suite (YAML, for reading; `export` gives JSON)."""
+    import yaml
+
     from .suites import available_suites, load_suite
 
     for name in available_suites():
@@ -82,7 +86,12 @@ def prompts_show(case_id):
             case = load_suite(name).case(case_id)
         except KeyError:
             continue
-        click.echo(json.dumps(case.as_record(), indent=2))
+        click.echo(yaml.safe_dump(case.as_record(), sort_keys=False, default_flow_style=None, width=100).rstrip())
+        if draw is not None:
+            from .report.layouts import draw_layout
+
+            draw_layout(case).save(draw)
+            click.echo(f"layout drawn to {draw}")
         return
     raise UserError(f"no suite has a case {case_id!r}", hint="see `relbench prompts export --suite NAME`")
 
@@ -97,6 +106,22 @@ def prompts_export(suite, kind):
     for case in load_suite(suite).cases:
         if kind is None or case.kind == kind:
             click.echo(json.dumps(case.as_record()))
+
+
+@prompts.command("draw")
+@click.option("--suite", required=True, help="Suite name or file.")
+@click.option("--kind", type=click.Choice(["single", "multi"]), default=None)
+@click.option("--limit", type=int, default=None, help="Only the first N cases.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG to write.")
+def prompts_draw(suite, kind, limit, out):
+    """A contact sheet of the suite's layouts, to check boxes by eye."""
+    from .generate import select_cases
+    from .report.layouts import layout_sheet
+    from .suites import load_suite
+
+    cases = select_cases(load_suite(suite), kind=kind, limit=limit)
+    layout_sheet(cases).save(out)
+    click.echo(f"{len(cases)} layouts drawn to {out}")
 
 
 @prompts.command("import")

@@ -31,7 +31,7 @@ def test_show_and_export():
     first = suite.cases[0]
     res = run("prompts", "show", first.id)
     assert res.exit_code == 0
-    assert json.loads(res.output) == first.as_record()
+    assert yaml.safe_load(res.output) == first.as_record()
     res = run("prompts", "export", "--suite", "relationbench")
     rows = [json.loads(line) for line in res.output.splitlines()]
     assert len(rows) == 200

@@ -1,0 +1,1 @@
+"""Pictures and tables for people: layouts now; leaderboards, galleries and plots later."""
