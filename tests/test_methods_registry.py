@@ -1,0 +1,40 @@
+"""Every registered method card runs on the tiny backbone: one single and one multi case.
+
+Generated from the registry, so a new card is covered the day it lands.
+"""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from relationbench.cli import cli
+from relationbench.methods import default_registry
+from relationbench.runs import RunDir
+from relationbench.suites import load_suite
+
+from .conftest import SHARED
+
+
+def dreambench_only_cases() -> list[str]:
+    """One single and one multi relationbench case whose subjects all come from DreamBench."""
+    cases = [c for c in load_suite("relationbench").cases if all(s.source == "dreambench" for s in c.subjects)]
+    return [next(c.id for c in cases if c.kind == kind) for kind in ("single", "multi")]
+
+
+@pytest.mark.parametrize("name", default_registry().names())
+def test_card_generates_on_tiny(name, tmp_path):
+    card = default_registry().card(name)
+    data = tmp_path / "data"
+    if card.adapter_class().needs_references:
+        source = SHARED / "data" / "dreambench"
+        if not source.is_dir():
+            pytest.skip("needs ../shared/data/dreambench for subject images")
+        res = CliRunner().invoke(cli, ["data", "import", "dreambench", str(source), "--data-dir", str(data)])
+        assert res.exit_code == 0, res.output
+    out = tmp_path / "run"
+    ids = dreambench_only_cases()
+    res = CliRunner().invoke(cli, ["generate", "--method", name, "--backbone", "tiny", "--cases", ",".join(ids),
+                                   "--batch-size", "2", "--data-dir", str(data), "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert RunDir(out).finished() == {(i, 0) for i in ids}
