@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .devices import DTYPES
 from .errors import UserError
 
 
@@ -221,7 +222,7 @@ def methods_list():
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--out", default=None, help="Run folder (default: results/SUITE/METHOD[@BACKBONE]).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
 @click.option("--batch-invariant/--no-batch-invariant", default=None,
               help="Pad small batches so batch size never changes an image's bytes (default: on for the CPU).")
 @_data_dir

@@ -492,7 +492,7 @@ def _undecodable(path: Path) -> str | None:
 # checksums
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -502,7 +502,7 @@ def _sha256(path: Path) -> str:
 
 def _write_sums(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS_FILE)
-    lines = [f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
     (folder / SUMS_FILE).write_text("".join(lines), encoding="utf-8")
 
 
@@ -556,7 +556,7 @@ def verify(name: str, root: str | Path | None = None) -> VerifyReport:
         path = folder / rel
         if not path.is_file():
             report.missing.append(rel)
-        elif _sha256(path) != digest:
+        elif sha256_file(path) != digest:
             report.modified.append(rel)
         report.checked += 1
     report.unlisted = sorted(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .data import data_root, require_images, sha256_file
 from .errors import UserError
 from .runs import SEED_RULE, RunDir, sample_seed
 from .suites import Case, Suite, load_suite
@@ -63,7 +64,6 @@ class GenerateSummary:
     run_dir: Path
     generated: int
     skipped: int
-    total: int
     seconds: float
 
 
@@ -151,7 +151,7 @@ def run_meta(suite: Suite, card, backbone, dtype_name: str, images_per_case: int
     import transformers
 
     return {
-        "suite": {"name": suite.name, "version": suite.version, "file_sha256": _sha256(suite.path)},
+        "suite": {"name": suite.name, "version": suite.version, "file_sha256": sha256_file(Path(suite.path))},
         "method": {"name": card.name, "adapter": card.adapter, "version": card.version,
                    "settings": card.settings, "digest": card.digest()},
         "backbone": backbone.describe(),
@@ -169,7 +169,6 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
     from tqdm.auto import tqdm
 
     from .backbones import get_backbone
-    from .data import data_root, require_images
     from .devices import dtype_name, resolve_device, resolve_dtype
     from .methods import Context, Request, default_registry
 
@@ -235,8 +234,7 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
                 ])
                 bar.update(len(batch))
         shard.barrier()
-    return GenerateSummary(run.root, len(work), skipped, len(mine) * per_case,
-                           time.perf_counter() - start)
+    return GenerateSummary(run.root, len(work), skipped, time.perf_counter() - start)
 
 
 def _generate_padded(method, batch: list, min_batch: int) -> list:
@@ -269,12 +267,6 @@ class _main_lock:
     def __exit__(self, *exc):
         self.held.close()
         return False
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _git_hash() -> str | None:

@@ -14,7 +14,6 @@ import torch
 
 from relationbench.backbones import (
     PRESETS,
-    TINY,
     Backbone,
     WeightSource,
     build_clip_tokenizers,
@@ -272,7 +271,3 @@ def test_import_does_not_import_torch():
     code = "import sys, relationbench.backbones; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
-
-def test_tiny_configs_are_data():
-    assert TINY.unet["down_block_types"][0] == "DownBlock2D"
-    assert TINY.text_encoder["vocab_size"] == TINY.text_encoder_2["vocab_size"] == 49408

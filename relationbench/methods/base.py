@@ -23,7 +23,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
 
 import yaml
 
@@ -66,7 +66,6 @@ class Context:
     quiet: bool = False
 
 
-@runtime_checkable
 class Method(Protocol):
     """The adapter interface. `needs_references`: the method reads subject images."""
 
@@ -95,9 +94,6 @@ class MethodCard:
         """Stable hash of what changes images: adapter, version and settings."""
         blob = json.dumps({"adapter": self.adapter, "version": self.version, "settings": self.settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def adapter_class(self) -> type:
         module_name, _, attr = self.adapter.partition(":")
