@@ -41,6 +41,7 @@ __all__ = [
     "get_backbone",
     "build_tiny_components",
     "build_clip_tokenizers",
+    "CLIP_KEYS",
 ]
 
 HUB_PROBE_TIMEOUT_S = 3.0  # how long check_available waits for the hub before giving up
@@ -156,8 +157,9 @@ PRESETS: dict[str, BackbonePreset] = {
             "image_encoder": WeightSource.hub("h94/IP-Adapter", subfolder="sdxl_models/image_encoder"),
             "msdiffusion": WeightSource.hub("doge1516/MS-Diffusion", filename="ms_adapter.bin"),
             "relationlora": WeightSource.hub("QingyuShi/DreamRelation"),
-            # metric encoders of the `paper` protocol (REFERENCE 4)
+            # metric encoders of the `paper` protocol (REFERENCE 4); ViT-L/14 on request
             "clip": WeightSource.open_clip("ViT-B-32", "openai"),
+            "clip_l14": WeightSource.open_clip("ViT-L-14", "openai"),
             "dino": WeightSource.hub("facebook/dino-vits16"),
         },
     ),
@@ -310,6 +312,53 @@ def build_tiny_components(seed: int = 0) -> dict[str, Any]:
         tokenizer_2=tokenizer_2,
         scheduler=EulerDiscreteScheduler(**TINY.scheduler),
     )
+
+
+# --------------------------------------------------------------------------- metric encoders
+
+# `--clip` architecture -> the weight key that holds it (REFERENCE 4: B/32 is the paper's)
+CLIP_KEYS = {"ViT-B-32": "clip", "ViT-L-14": "clip_l14"}
+
+# Tiny metric encoders: the real layouts (open_clip CLIP, transformers ViT as in DINO) at toy
+# width and depth, at the real input size (224) so preprocessing is the same as on sdxl.
+TINY_CLIP = dict(
+    embed_dim=32,  # ViT-B/32: 512
+    vision_cfg=dict(image_size=224, layers=2, width=64, head_width=32),  # B/32: 12 layers, width 768
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),  # B/32: 12 x 512
+)
+TINY_DINO = dict(  # facebook/dino-vits16: hidden 384, 12 layers, 6 heads, mlp 1536
+    hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+    image_size=224, patch_size=16, qkv_bias=True,
+)
+_METRIC_SEED_OFFSETS = {"clip": 11, "dino": 12}
+
+
+def _patch_size(arch: str) -> int:
+    match = re.search(r"/?-(\d+)$", arch)
+    if not match:
+        raise ValueError(f"cannot read the patch size from the architecture name {arch!r}")
+    return int(match.group(1))
+
+
+def build_tiny_clip(arch: str = "ViT-B-32", seed: int = 0):
+    """open_clip's CLIP at toy size with `arch`'s patch size, seeded (QuickGELU, like OpenAI's)."""
+    import torch
+    from open_clip.model import CLIP
+
+    cfg = dict(TINY_CLIP, vision_cfg=dict(TINY_CLIP["vision_cfg"], patch_size=_patch_size(arch)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + _METRIC_SEED_OFFSETS["clip"])
+        return CLIP(**cfg, quick_gelu=True).eval()
+
+
+def build_tiny_dino(seed: int = 0):
+    """transformers' ViTModel (DINO's architecture) at toy size, seeded, without the pooler."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + _METRIC_SEED_OFFSETS["dino"])
+        return ViTModel(ViTConfig(**TINY_DINO), add_pooling_layer=False).eval()
 
 
 # --------------------------------------------------------------------------- availability
@@ -574,6 +623,70 @@ class Backbone:
             pipe = pipe.to(device=device)
         self._pipelines[cache_key] = pipe
         return pipe
+
+
+    # -- metric encoders (REFERENCE 4) ------------------------------------------------------
+    def _clip_key(self, arch: str) -> str:
+        if arch not in CLIP_KEYS:
+            raise UserError(f"unknown CLIP architecture {arch!r}; choose one of {', '.join(CLIP_KEYS)}")
+        return CLIP_KEYS[arch]
+
+    def clip_id(self, arch: str = "ViT-B-32") -> str:
+        """A stable name for the CLIP encoder `clip_model(arch)` loads (written next to scores)."""
+        if self.is_tiny:
+            return f"tiny:clip-{arch}-seed{self.preset.seed}"
+        source = self._source(self._clip_key(arch))
+        if source.kind == "open_clip":
+            return f"open_clip:{source.model}/{source.location}"
+        return f"open_clip:{arch}/local:{Path(source.location).name}"
+
+    def dino_id(self) -> str:
+        """A stable name for the DINO encoder `dino_model()` loads."""
+        if self.is_tiny:
+            return f"tiny:dino-vits16-seed{self.preset.seed}"
+        source = self._source("dino")
+        if source.kind == "local":
+            return f"local:{Path(source.location).name}"
+        return f"hf:{'/'.join(p for p in (source.location, source.subfolder) if p)}"
+
+    def clip_model(self, arch: str = "ViT-B-32"):
+        """The open_clip CLIP model (image and text towers), float32 on the CPU, in eval mode.
+
+        Local checkpoint files are read as OpenAI-trained weights (QuickGELU), the weights
+        every protocol here uses.
+        """
+        if self.is_tiny:
+            return build_tiny_clip(arch, self.preset.seed or 0)
+        import open_clip
+
+        key = self._clip_key(arch)
+        source, path = self._source(key), self.fetch(key)
+        cfg = open_clip.get_pretrained_cfg(arch, source.location) if source.kind == "open_clip" else {}
+        try:
+            model = open_clip.create_model(arch, pretrained=str(path), force_quick_gelu=cfg.get("quick_gelu", True))
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+            raise UserError(
+                f"cannot load {arch} weights from this file: {exc}",
+                path=path,
+                hint=f"pass an open_clip {arch} checkpoint with --weight {key}=FILE",
+            ) from exc
+        return model.eval()
+
+    def dino_model(self):
+        """DINO ViT-S/16 as a transformers ViTModel without the pooler, float32 on the CPU."""
+        if self.is_tiny:
+            return build_tiny_dino(self.preset.seed or 0)
+        from transformers import ViTModel
+
+        path = self.fetch("dino")
+        try:
+            return ViTModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True).eval()
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"cannot load a ViT (DINO) model from this folder: {exc}",
+                path=path,
+                hint="give the folder of facebook/dino-vits16 (config.json and weights) with --weight dino=PATH",
+            ) from exc
 
 
 # only the diffusers weights of SDXL base (not the fp16/onnx/openvino copies), ~14 GB

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
+from .backbones import CLIP_KEYS
 from .devices import DTYPES
 from .errors import UserError
+from .metrics.protocols import PROTOCOLS
 
 
 class _Failed(click.ClickException):
@@ -239,6 +241,67 @@ def generate_cmd(method, suite, backbone, weights, limit, cases, kind, images_pe
     ))
     click.echo(f"{summary.run_dir}: {summary.generated} generated, {summary.skipped} already done "
                f"({summary.seconds:.1f} s)")
+
+
+# -- score / compare -----------------------------------------------------------------------
+@cli.command("score")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--protocol", type=click.Choice(sorted(PROTOCOLS)), default="paper", show_default=True,
+              help="Metric convention; its name is written next to every score.")
+@click.option("--clip", "clip_arch", type=click.Choice(list(CLIP_KEYS)), default="ViT-B-32", show_default=True,
+              help="CLIP encoder of CLIP-T, CLIP-R and CLIP-I.")
+@click.option("--backbone", default="auto", show_default=True,
+              help="Encoder weights: auto (each run with its own backbone's: tiny runs tiny), sdxl or tiny.")
+@click.option("--weight", "weights", multiple=True, metavar="KEY=PATH_OR_ID",
+              help="Replace an encoder's weights (clip, clip_l14, dino).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=None, help="Decoding processes (default: from device and cores).")
+@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the CIs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--ci", "with_ci", is_flag=True, help="Show ± the 95% CI half-width in the tables.")
+@click.option("--leaderboard-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where leaderboard.{md,csv,tex} go (default: the folder holding the runs).")
+@_data_dir
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def score_cmd(paths, protocol, clip_arch, backbone, weights, device, dtype, batch_size, workers, bootstrap, seed,
+              with_ci, leaderboard_dir, data_dir, quiet):
+    """Score every run below PATHS (scores.csv per run) and write the leaderboard; rerun to add new images."""
+    from .score import ScoreOptions, score
+
+    summary = score(ScoreOptions(
+        paths=paths, protocol=protocol, clip=clip_arch, backbone=backbone, weights=_parse_pairs(weights, "--weight"),
+        device=device, dtype=dtype, batch_size=batch_size, workers=workers, bootstrap=bootstrap, seed=seed,
+        with_ci=with_ci, leaderboard_dir=leaderboard_dir, data_dir=data_dir, quiet=quiet,
+    ))
+    click.echo(f"{len(summary.runs)} run(s): {summary.scored} image(s) scored, {summary.skipped} already scored "
+               f"({summary.seconds:.1f} s)")
+    click.echo("leaderboard: " + ", ".join(str(p) for p in summary.leaderboard))
+    if summary.missing_references:
+        click.echo("no reference images, CLIP-I and DINO left empty for: " + "; ".join(summary.missing_references),
+                   err=True)
+    if summary.failures:
+        click.echo(f"{len(summary.failures)} image(s) could not be scored:", err=True)
+        for path, why in summary.failures:
+            click.echo(f"  {path}: {why}", err=True)
+        raise _Failed(f"{len(summary.failures)} image(s) not scored (listed above); the rest were")
+
+
+@cli.command("compare")
+@click.argument("run_a", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_b", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--bootstrap", type=int, default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def compare_cmd(run_a, run_b, bootstrap, seed):
+    """RUN_A minus RUN_B on the cases both scored: paired bootstrap 95% CI per metric."""
+    from tabulate import tabulate
+
+    from .report.aggregate import compare, load_run_scores
+
+    table = compare(load_run_scores(run_a), load_run_scores(run_b), n_boot=bootstrap, seed=seed)
+    click.echo(f"A = {run_a}\nB = {run_b}")
+    click.echo(tabulate(table, headers="keys", showindex=False, floatfmt=".2f"))
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@
     <run>/run.json          what made the run (suite, card, backbone, versions, seed rule)
     <run>/manifest.jsonl    one line per finished image
     <run>/images/<case_id>/<k>.png
+    <run>/scores.csv        one row per scored image and protocol (relbench score)
 
 An image counts only once its manifest line exists. Images are written under a temporary
 name, flushed and renamed, then the line is appended (one write, under a file lock), so a
@@ -13,12 +14,14 @@ file. One writer (launch) per run folder, enforced by an exclusive lock on <run>
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
+import io
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .errors import UserError
 
@@ -26,6 +29,8 @@ RUN_JSON = "run.json"
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
 LOCK = ".lock"
+SCORES = "scores.csv"
+SCORE_LOCK = ".score.lock"  # the scorer's own lock: scoring may run while generate appends
 TMP_SUFFIX = ".tmp"
 SEED_RULE = "sample 0: the case seed; sample k > 0: first 4 bytes of sha256('<case seed>:<k>'), big-endian"
 # run.json keys that must match for a rerun to continue a run
@@ -57,6 +62,10 @@ class RunDir:
         self.run_json = self.root / RUN_JSON
         self.manifest = self.root / MANIFEST
         self.images = self.root / IMAGES
+        self.scores = self.root / SCORES
+
+    def is_run(self) -> bool:
+        return self.run_json.is_file() and self.manifest.is_file()
 
     # -- metadata -------------------------------------------------------------------------
     def read_meta(self) -> dict[str, Any] | None:
@@ -91,10 +100,11 @@ class RunDir:
 
     # -- locking --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the run's writer lock; refuse at once if another process holds it."""
+    def lock(self, name: str = LOCK) -> Iterator[None]:
+        """Hold one of the run's locks (the writer's by default); refuse at once if another
+        process holds it."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -117,11 +127,7 @@ class RunDir:
 
         Call only while holding the lock.
         """
-        if self.manifest.exists():
-            data = self.manifest.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open(self.manifest, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
+        _drop_torn_tail(self.manifest)
         if self.images.exists():
             for tmp in self.images.rglob(f".*{TMP_SUFFIX}"):
                 tmp.unlink(missing_ok=True)
@@ -164,13 +170,54 @@ class RunDir:
 
     def append(self, records: list[dict[str, Any]]) -> None:
         """Append manifest lines in one locked write (several shard processes may append)."""
-        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
-        fd = os.open(self.manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_locked(self.manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+
+    # -- scores ---------------------------------------------------------------------------
+    def read_scores(self, columns: Sequence[str]) -> list[dict[str, str]]:
+        """The rows of scores.csv (a torn last line dropped); refuses a file with other columns.
+
+        Call while holding SCORE_LOCK.
+        """
+        if not self.scores.exists():
+            return []
+        _drop_torn_tail(self.scores)
+        with open(self.scores, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != list(columns):
+                raise UserError(
+                    "scores.csv has other columns than this version of relbench writes",
+                    path=self.scores,
+                    hint="delete it (it is derived data) and score again",
+                )
+            return list(reader)
+
+    def append_scores(self, columns: Sequence[str], rows: list[dict]) -> None:
+        """Append rows to scores.csv in one locked write, with the header if the file is new."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        if not self.scores.exists() or self.scores.stat().st_size == 0:
+            writer.writeheader()
+        writer.writerows(rows)
+        _append_locked(self.scores, buf.getvalue().encode())
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a file back to its last newline: what a process killed mid-append leaves."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def _append_locked(path: Path, data: bytes) -> None:
+    """Append bytes in one write under an exclusive lock, then fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,464 @@
+"""Runs -> per-image scores -> scores.csv -> the leaderboard: what `relbench score` does.
+
+Reads top to bottom: find the runs and what each still lacks (nothing is loaded when
+nothing is missing), then per backbone load the encoders once, embed the subjects'
+reference images and the texts, stream the generated images through a DataLoader (decoding
+in worker processes, encoding in batches, embeddings cached on disk by content hash), append
+rows as batches finish, and finally rebuild the leaderboard from every run's scores.csv.
+
+A bad image (missing, truncated, not an image) is reported by path and skipped; the rest is
+scored. Scores are keyed by (case, sample, protocol, encoders): rescoring is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .data import data_root, get_command, reference_images
+from .errors import UserError
+from .metrics.cache import EmbeddingCache, cache_file, default_cache_dir
+from .metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS, decode
+from .metrics.protocols import Protocol, get_protocol
+from .metrics.scores import clip_score, mean_pair_cosine
+from .report.aggregate import SCORE_COLUMNS
+from .runs import SCORE_LOCK, RunDir
+from .suites import Case, Subject, find_phrase, load_suite
+
+if TYPE_CHECKING:
+    from .backbones import Backbone
+    from .metrics.encoders import ClipEncoder, DinoEncoder
+
+CACHE_DIR = ".cache"  # inside each run folder: embeddings of its images
+
+
+@dataclass
+class ScoreOptions:
+    paths: Sequence[str | Path]
+    protocol: str = "paper"
+    clip: str = "ViT-B-32"  # open_clip architecture: ViT-B-32 (the paper's) or ViT-L-14
+    backbone: str = "auto"  # auto: each run with the encoders of its own backbone (tiny runs: tiny)
+    weights: dict[str, str] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "fp32"
+    batch_size: int = 64
+    workers: int | None = None  # decoding processes; None: chosen from the device and core count
+    bootstrap: int = 1000
+    seed: int = 0
+    with_ci: bool = False
+    leaderboard_dir: str | Path | None = None
+    data_dir: str | Path | None = None
+    quiet: bool = False
+
+
+@dataclass
+class ScoreSummary:
+    runs: list[Path]
+    scored: int
+    skipped: int
+    failures: list[tuple[str, str]]  # (path, why)
+    missing_references: list[str]  # subject names whose CLIP-I / DINO stay empty
+    leaderboard: list[Path]
+    seconds: float
+
+
+# --------------------------------------------------------------------------- what to score
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Every run folder (run.json + manifest.jsonl) at or below the paths, sorted, once each."""
+    found: set[Path] = set()
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise UserError("no such file or folder", path=path, hint="give run folders or a folder holding them")
+        if RunDir(path).is_run():
+            found.add(path.resolve())
+            continue
+        found.update(m.parent.resolve() for m in path.rglob("manifest.jsonl") if RunDir(m.parent).is_run())
+    if not found:
+        raise UserError(
+            "no runs found (a run folder holds run.json and manifest.jsonl)",
+            path=Path(paths[0]) if paths else None,
+            hint="make one with `relbench generate`, or point at the folder that holds your runs",
+        )
+    return sorted(found)
+
+
+def scoring_text(case: Case, record: dict[str, Any]) -> str:
+    """The text CLIP-T scores: the prompt as generated, minus what the method added.
+
+    A method records the prompt it sampled with (`prompt`), and may record a `prompt_prefix`
+    (quality words) and `identifiers` (DreamBooth's "sks"); both are removed, class nouns stay.
+    """
+    text = record.get("prompt") or case.prompt
+    prefix = record.get("prompt_prefix") or ""
+    if prefix and text.startswith(prefix):
+        text = text[len(prefix):]
+    for ident in record.get("identifiers") or ():
+        while (span := find_phrase(text, ident)) is not None:
+            text = text[: span[0]] + text[span[1]:]
+    return " ".join(text.split())
+
+
+def case_predicate(case: Case) -> str | None:
+    """The case's stored predicate, else the spaCy extraction (None: no relation, no CLIP-R)."""
+    if case.predicate:
+        return case.predicate
+    from .suites.predicates import extract_predicate
+
+    return extract_predicate(case.prompt, [s.class_noun for s in case.subjects])
+
+
+@dataclass
+class Item:
+    """One image to score."""
+
+    run: "RunPlan"
+    case: Case
+    record: dict[str, Any]
+    path: Path
+
+
+@dataclass
+class RunPlan:
+    run: RunDir
+    meta: dict[str, Any]
+    backbone: str  # the backbone whose encoders score it
+    items: list[Item] = field(default_factory=list)
+    skipped: int = 0
+    cache: dict[str, EmbeddingCache] = field(default_factory=dict)  # encoder id -> its cache here
+
+
+def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan:
+    run = RunDir(run_dir)
+    meta = run.read_meta() or {}
+    made_with = (meta.get("backbone") or {}).get("name", "sdxl")
+    backbone = ("tiny" if made_with == "tiny" else "sdxl") if opts.backbone == "auto" else opts.backbone
+    plan = RunPlan(run, meta, backbone)
+    clip_id, dino_id = ids_for(backbone)
+    done = {
+        (r["case_id"], int(r["index"]))
+        for r in run.read_scores(SCORE_COLUMNS)
+        if (r["protocol"], r["clip_encoder"], r["dino_encoder"]) == (opts.protocol, clip_id, dino_id)
+    }
+    suite_name = (meta.get("suite") or {}).get("name")
+    suite = load_suite(suite_name) if suite_name else None
+    for record in run.records():
+        key = (record["case_id"], int(record["index"]))
+        if key in done:
+            plan.skipped += 1
+            continue
+        path = run.root / record["path"]
+        try:
+            case = suite.case(record["case_id"]) if suite else None
+        except KeyError:
+            case = None
+        if case is None:
+            failures.append((str(path), f"case {record['case_id']!r} is not in suite {suite_name!r}"))
+            continue
+        plan.items.append(Item(plan, case, record, path))
+    return plan
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class _ImageFiles:
+    """Dataset over image files: read, hash, and decode + preprocess unless already cached.
+
+    Runs in DataLoader workers; returns errors instead of raising, so one bad file never
+    stops the others.
+    """
+
+    def __init__(self, paths: list[Path], known: list[bool | set[str]]):
+        self.paths, self.known = paths, known  # known[i]: hashes whose embeddings are cached
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"i": i, "sha": None, "error": None, "clip": None, "dino": None}
+        try:
+            data = self.paths[i].read_bytes()
+        except OSError as exc:
+            out["error"] = f"cannot read: {exc.strerror or exc}"
+            return out
+        out["sha"] = hashlib.sha256(data).hexdigest()
+        if out["sha"] in self.known[i]:
+            return out
+        try:
+            image = decode(data)
+            out["clip"], out["dino"] = CLIP_PREPROCESS(image), DINO_PREPROCESS(image)
+        except Exception as exc:  # PIL raises many types for bad files
+            out["error"] = f"not a readable image ({type(exc).__name__}: {exc})"
+        return out
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the decoded images into tensors (shared memory between processes)."""
+    import torch
+
+    decoded = [it for it in items if it["clip"] is not None]
+    return {
+        "meta": [{k: it[k] for k in ("i", "sha", "error")} for it in items],
+        "decoded": [it["i"] for it in decoded],
+        "clip": torch.from_numpy(np.stack([it["clip"] for it in decoded])) if decoded else None,
+        "dino": torch.from_numpy(np.stack([it["dino"] for it in decoded])) if decoded else None,
+    }
+
+
+def default_workers(device: str) -> int:
+    """Decoding processes: on a GPU up to 8; on a CPU, cores beyond the one encoding."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores) if device != "cpu" else max(0, min(4, cores - 1))
+
+
+# --------------------------------------------------------------------------- the encoders
+
+
+class _Encoders:
+    """The CLIP and DINO encoders of one backbone with their caches and per-call memo."""
+
+    def __init__(self, clip: "ClipEncoder", dino: "DinoEncoder", dtype_name: str):
+        self.clip, self.dino = clip, dino
+        self.dtype_name = dtype_name
+        self._texts: dict[str, np.ndarray] = {}
+        self._refs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray] | None] = {}
+
+    def texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        new = [t for t in dict.fromkeys(texts) if t not in self._texts]
+        if new:
+            self._texts.update(zip(new, self.clip.encode_texts(new)))
+        return {t: self._texts[t] for t in texts}
+
+    def references(self, subject: Subject, root: Path, cache_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        """(CLIP, DINO) embeddings of a subject's reference images, or None when it has none."""
+        key = (subject.source, subject.dir)
+        if key not in self._refs:
+            files = reference_images(subject, root)
+            self._refs[key] = self._embed_files(files, cache_dir) if files else None
+        return self._refs[key]
+
+    def _embed_files(self, files: list[Path], cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+        caches = [EmbeddingCache(cache_file(cache_dir, e.id, self.dtype_name)) for e in (self.clip, self.dino)]
+        shas, todo = [], []
+        for f in files:
+            data = f.read_bytes()
+            shas.append(hashlib.sha256(data).hexdigest())
+            if not all(shas[-1] in c for c in caches):
+                try:
+                    image = decode(data)
+                except Exception as exc:
+                    raise UserError(f"a reference image cannot be read ({exc})", path=f,
+                                    hint="repair the subject folder, e.g. with `relbench data verify`") from None
+                todo.append((shas[-1], image))
+        if todo:
+            for encoder, cache, prep in zip((self.clip, self.dino), caches, (CLIP_PREPROCESS, DINO_PREPROCESS)):
+                emb = encoder.encode_images(np.stack([prep(img) for _, img in todo]))
+                for (sha, _), e in zip(todo, emb):
+                    cache.put(sha, e)
+                cache.save()
+        return tuple(np.stack([c.get(s) for s in shas]) for c in caches)  # type: ignore[return-value]
+
+
+def _load_encoders(backbone: "Backbone", opts: ScoreOptions, device: str, dtype) -> _Encoders:
+    from .backbones import CLIP_KEYS
+    from .devices import dtype_name
+    from .metrics.encoders import load_clip, load_dino
+
+    backbone.check_available((CLIP_KEYS.get(opts.clip, "clip"), "dino"))
+    clip = load_clip(backbone, opts.clip, device, dtype)
+    dino = load_dino(backbone, device, dtype)
+    name = dtype_name(dtype)
+    if name != "fp32":  # reduced precision moves scores slightly: the id says so
+        clip.id, dino.id = f"{clip.id}@{name}", f"{dino.id}@{name}"
+    return _Encoders(clip, dino, name)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _rows(items: list[Item], clip_emb: np.ndarray, dino_emb: np.ndarray, shas: list[str], enc: _Encoders,
+          refs: dict, protocol: Protocol) -> list[dict[str, Any]]:
+    """The scores.csv rows of a batch of encoded images."""
+    texts = [scoring_text(it.case, it.record) for it in items]
+    predicates = [case_predicate(it.case) for it in items]
+    text_emb = enc.texts(texts + [p for p in predicates if p])
+    clip_t = protocol.text_scale(clip_score(clip_emb, np.stack([text_emb[t] for t in texts])))
+    rows = []
+    for n, (it, text, pred) in enumerate(zip(items, texts, predicates)):
+        clip_r = protocol.text_scale(clip_score(clip_emb[n : n + 1], text_emb[pred][None]))[0] if pred else math.nan
+        per_subject = []
+        for subject in it.case.subjects:
+            r = refs.get((subject.source, subject.dir))
+            if r is None:
+                per_subject.append((math.nan, math.nan))
+            else:
+                per_subject.append((
+                    float(protocol.image_scale(mean_pair_cosine(clip_emb[n : n + 1], r[0]))[0]),
+                    float(protocol.image_scale(mean_pair_cosine(dino_emb[n : n + 1], r[1]))[0]),
+                ))
+        # a case's CLIP-I / DINO: the mean over its subjects, empty if any subject has no references
+        clip_i, dino = (float(np.mean(v)) for v in zip(*per_subject))
+        subjects = [s.name for s in it.case.subjects] + [""] * (2 - len(it.case.subjects))
+        per_subject += [(math.nan, math.nan)] * (2 - len(per_subject))
+        rows.append({
+            "case_id": it.case.id, "index": int(it.record["index"]), "kind": it.case.kind,
+            "subject_1": subjects[0], "subject_2": subjects[1],
+            "clip_t": _fmt(clip_t[n]), "clip_r": _fmt(clip_r), "clip_i": _fmt(clip_i), "dino": _fmt(dino),
+            "clip_i_1": _fmt(per_subject[0][0]), "clip_i_2": _fmt(per_subject[1][0]),
+            "dino_1": _fmt(per_subject[0][1]), "dino_2": _fmt(per_subject[1][1]),
+            "text": text, "predicate": pred or "", "protocol": protocol.name,
+            "clip_encoder": enc.clip.id, "dino_encoder": enc.dino.id, "image_sha256": shas[n],
+        })
+    return rows
+
+
+def _fmt(value: float) -> str:
+    """Six decimals; empty for a missing value (pandas reads it back as NaN)."""
+    return "" if math.isnan(value) else f"{float(value):.6f}"
+
+
+def _score_group(plans: list[RunPlan], enc: _Encoders, protocol: Protocol, opts: ScoreOptions, root: Path,
+                 device: str, bar, failures: list, missing: dict[str, str]) -> int:
+    """Score the pending images of runs sharing one backbone; returns how many were scored."""
+    from torch.utils.data import DataLoader
+
+    ref_cache = default_cache_dir()
+    refs: dict[tuple[str, str], Any] = {}
+    items = [it for p in plans for it in p.items]
+    for it in items:
+        for s in it.case.subjects:
+            if (s.source, s.dir) not in refs:
+                refs[(s.source, s.dir)] = enc.references(s, root, ref_cache)
+                if refs[(s.source, s.dir)] is None:
+                    missing[s.name] = get_command(s.source)
+    for p in plans:
+        p.cache = {e.id: EmbeddingCache(cache_file(p.run.root / CACHE_DIR, e.id, enc.dtype_name))
+                   for e in (enc.clip, enc.dino)}
+    known = {id(p): p.cache[enc.clip.id].keys() & p.cache[enc.dino.id].keys() for p in plans}
+    workers = default_workers(device) if opts.workers is None else opts.workers
+    if len(items) <= opts.batch_size:
+        workers = 0  # starting processes costs more than decoding one batch
+    loader = DataLoader(
+        _ImageFiles([it.path for it in items], [known[id(it.run)] for it in items]),
+        batch_size=opts.batch_size, num_workers=workers, collate_fn=_collate,
+        pin_memory=device.startswith("cuda"), prefetch_factor=4 if workers else None,
+    )
+    scored, last_save = 0, time.monotonic()
+    for batch in loader:
+        clip_new = enc.clip.encode_images(batch["clip"]) if batch["clip"] is not None else None
+        dino_new = enc.dino.encode_images(batch["dino"]) if batch["dino"] is not None else None
+        fresh = {i: n for n, i in enumerate(batch["decoded"])}
+        good: list[tuple[Item, str, np.ndarray, np.ndarray]] = []
+        for m in batch["meta"]:
+            it = items[m["i"]]
+            if m["error"]:
+                failures.append((str(it.path), m["error"]))
+                continue
+            clip_cache, dino_cache = it.run.cache[enc.clip.id], it.run.cache[enc.dino.id]
+            if m["i"] in fresh:
+                c, d = clip_new[fresh[m["i"]]], dino_new[fresh[m["i"]]]
+                clip_cache.put(m["sha"], c)
+                dino_cache.put(m["sha"], d)
+            else:
+                c, d = clip_cache.get(m["sha"]), dino_cache.get(m["sha"])
+            good.append((it, m["sha"], c, d))
+        by_run: dict[int, list] = defaultdict(list)
+        for g in good:
+            by_run[id(g[0].run)].append(g)
+        for group in by_run.values():
+            rows = _rows([g[0] for g in group], np.stack([g[2] for g in group]), np.stack([g[3] for g in group]),
+                         [g[1] for g in group], enc, refs, protocol)
+            group[0][0].run.run.append_scores(SCORE_COLUMNS, rows)
+        scored += len(good)
+        bar.update(len(batch["meta"]))
+        if time.monotonic() - last_save > 30:  # keep the cache useful if the process is killed
+            _save_caches(plans)
+            last_save = time.monotonic()
+    _save_caches(plans)
+    return scored
+
+
+def _save_caches(plans: list[RunPlan]) -> None:
+    for p in plans:
+        for cache in p.cache.values():
+            cache.save()
+
+
+def leaderboard_dir(runs: list[Path], paths: Sequence[str | Path]) -> Path:
+    """Default place of the leaderboard: the folder the paths share, above any run folder."""
+    common = Path(os.path.commonpath([str(Path(p).resolve()) for p in paths]))
+    if RunDir(common).is_run():  # results/<suite>/<run> -> results
+        common = common.parent.parent
+    return common
+
+
+def score(opts: ScoreOptions) -> ScoreSummary:
+    from tqdm.auto import tqdm
+
+    from .backbones import get_backbone
+    from .devices import resolve_device, resolve_dtype
+    from .report.aggregate import load_scores, summarize
+    from .report.leaderboard import write_leaderboard
+
+    # 1. check every input, find what is missing; nothing is loaded or written yet
+    protocol = get_protocol(opts.protocol)
+    if opts.batch_size < 1 or opts.bootstrap < 1:
+        raise UserError("--batch-size and --bootstrap must be at least 1")
+    runs = find_runs(opts.paths)
+    backbones: dict[str, "Backbone"] = {}
+
+    def backbone_for(name: str) -> "Backbone":
+        if name not in backbones:
+            backbones[name] = get_backbone(name, opts.weights if name != "tiny" or opts.backbone != "auto" else None)
+        return backbones[name]
+
+    def ids_for(name: str) -> tuple[str, str]:
+        b = backbone_for(name)
+        return b.clip_id(opts.clip), b.dino_id()
+
+    start = time.perf_counter()
+    failures: list[tuple[str, str]] = []
+    missing: dict[str, str] = {}
+    scored = 0
+    with contextlib.ExitStack() as locks:
+        for r in runs:
+            locks.enter_context(RunDir(r).lock(SCORE_LOCK))
+        plans = [_plan(r, opts, ids_for, failures) for r in runs]
+        pending = sum(len(p.items) for p in plans)
+
+        # 2. score, one backbone's encoders at a time
+        if pending:
+            device = resolve_device(opts.device)
+            dtype = resolve_dtype(opts.dtype, device)
+            root = data_root(opts.data_dir)
+            bar = tqdm(total=pending, unit="img", desc=f"score · {protocol.name}", disable=opts.quiet)
+            with bar:
+                for name in dict.fromkeys(p.backbone for p in plans):
+                    group = [p for p in plans if p.backbone == name and p.items]
+                    if group:
+                        enc = _load_encoders(backbone_for(name), opts, device, dtype)
+                        scored += _score_group(group, enc, protocol, opts, root, device, bar, failures, missing)
+
+    # 3. the leaderboard, from every run's scores.csv (old and new rows)
+    frame = load_scores(runs)
+    summary = summarize(frame, n_boot=opts.bootstrap, seed=opts.seed)
+    out = Path(opts.leaderboard_dir) if opts.leaderboard_dir else leaderboard_dir(runs, opts.paths)
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_leaderboard(summary, out, with_ci=opts.with_ci)
+    return ScoreSummary(
+        runs=runs, scored=scored, skipped=sum(p.skipped for p in plans), failures=failures,
+        missing_references=[f"{name} ({fix})" for name, fix in sorted(missing.items())],
+        leaderboard=written, seconds=time.perf_counter() - start,
+    )
