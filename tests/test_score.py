@@ -1,0 +1,207 @@
+"""`relbench score` and `relbench compare` on synthetic tiny runs: files, values, resume, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from relationbench.cli import cli
+from relationbench.metrics.encoders import ImageEncoder
+from relationbench.metrics.preprocess import DINO_PREPROCESS
+from relationbench.report.aggregate import SCORE_COLUMNS
+
+from .clip_reference import hf_clip_from_open_clip, hf_image_features, hf_text_features
+from .score_runs import make_references, make_run
+
+SINGLE, MULTI = ["rb-s-001", "rb-s-002", "rb-s-003"], ["rb-m-001", "rb-m-002"]
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A results folder with two runs, subject images for their cases, private caches."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("RELBENCH_DATA", str(data))
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
+    make_references(data, SINGLE + MULTI)
+    results = tmp_path / "results"
+    a = make_run(results, "alpha@tiny", SINGLE + MULTI, seed=1)
+    b = make_run(results, "beta@tiny", SINGLE + MULTI, seed=2)
+    return results, a, b
+
+
+def score(*args, ok=True):
+    res = CliRunner().invoke(cli, ["score", "--quiet", "--bootstrap", "50", *map(str, args)])
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def read(run) -> pd.DataFrame:
+    return pd.read_csv(run / "scores.csv", keep_default_na=False, na_values=[""])
+
+
+def test_scores_and_leaderboard_files(env):
+    results, a, b = env
+    res = score(results)
+    assert "20 image(s) scored" in res.output
+    df = read(a)
+    assert list(df.columns) == list(SCORE_COLUMNS) and len(df) == 10
+    assert set(df["protocol"]) == {"paper"} and df["clip_encoder"].str.startswith("tiny:").all()
+    multi = df[df["kind"] == "multi"]
+    assert multi["subject_2"].ne("").all() and multi[["clip_i_2", "dino_2"]].notna().all().all()
+    np.testing.assert_allclose(multi["clip_i"], (multi["clip_i_1"] + multi["clip_i_2"]) / 2, atol=2e-6)
+    single = df[df["kind"] == "single"]
+    assert single["clip_i_2"].isna().all() and (single["clip_i"] == single["clip_i_1"]).all()
+    assert df[["clip_t", "clip_r", "clip_i", "dino"]].notna().all().all()
+    md = (results / "leaderboard.md").read_text()
+    assert "RelationBench (Table 1)" in md and "alpha@tiny" in md and "beta@tiny" in md
+    assert "Single-object CLIP-R" in md and "Multi-object DINO" in md
+    tex = (results / "leaderboard.tex").read_text()
+    assert "\\toprule" in tex and "\\multicolumn" in tex
+    board = pd.read_csv(results / "leaderboard.csv")
+    assert set(board["run"]) == {"alpha@tiny", "beta@tiny"} and set(board["kind"]) >= {"single", "multi"}
+
+
+def test_rescoring_is_a_no_op(env, monkeypatch):
+    results, a, _ = env
+    score(results)
+    before = (a / "scores.csv").read_bytes()
+    monkeypatch.setattr("relationbench.score._load_encoders", lambda *a, **k: pytest.fail("encoders loaded"))
+    res = score(results)
+    assert "0 image(s) scored, 20 already scored" in res.output
+    assert (a / "scores.csv").read_bytes() == before
+    # a new image in the run is the only thing scored next time
+    make_run(results, "alpha@tiny", ["rb-s-004"], seed=1)  # appends to the same run
+    monkeypatch.undo()
+    assert "2 image(s) scored" in score(a).output
+    assert len(read(a)) == 12
+
+
+def test_second_protocol_reuses_cached_embeddings(env, monkeypatch):
+    results, a, _ = env
+    score(results)
+    calls = []
+    original = ImageEncoder.encode_images
+    monkeypatch.setattr(ImageEncoder, "encode_images", lambda self, px: calls.append(len(px)) or original(self, px))
+    score(results, "--protocol", "customdiffusion")
+    assert calls == []  # images and references all came from the caches
+    df = read(a)
+    paper = df[df["protocol"] == "paper"].set_index(["case_id", "index"]).sort_index()
+    cd = df[df["protocol"] == "customdiffusion"].set_index(["case_id", "index"]).sort_index()
+    np.testing.assert_allclose(cd["clip_t"], 2.5 * np.maximum(paper["clip_t"] / 100, 0), atol=1e-5)
+    np.testing.assert_allclose(cd["dino"], paper["dino"] / 100, atol=1e-5)
+    assert "protocol `customdiffusion`" in (results / "leaderboard.md").read_text()
+
+
+def test_bad_images_are_reported_and_the_rest_scored(env):
+    results, a, _ = env
+    broken = a / "images" / "rb-s-002" / "0.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated PNG
+    gone = a / "images" / "rb-m-001" / "1.png"
+    gone.unlink()
+    res = score(results, ok=False)
+    assert res.exit_code != 0
+    assert str(broken) in res.output and str(gone) in res.output and "2 image(s) not scored" in res.output
+    assert len(read(a)) == 8
+    assert (results / "leaderboard.md").exists()
+
+
+def test_missing_references_leave_identity_scores_empty(env, monkeypatch, tmp_path):
+    results, a, _ = env
+    monkeypatch.setenv("RELBENCH_DATA", str(tmp_path / "empty"))
+    res = score(a)
+    assert "no reference images" in res.output and "relbench data fetch" in res.output
+    df = read(a)
+    assert df["clip_i"].isna().all() and df["dino"].isna().all() and df["clip_t"].notna().all()
+
+
+def test_torn_scores_line_is_dropped_and_rescored(env):
+    results, a, _ = env
+    score(a)
+    data = (a / "scores.csv").read_bytes()
+    (a / "scores.csv").write_bytes(data[: data.rfind(b"\n", 0, len(data) - 1) + 20])  # kill mid-line
+    assert "1 image(s) scored" in score(a).output
+    assert len(read(a)) == 10
+
+
+@pytest.mark.parametrize("args,message", [
+    (["/nonexistent/results"], "no such file or folder"),
+    (["--protocol", "nope", "."], "Invalid value for '--protocol'"),
+])
+def test_bad_input(args, message):
+    res = CliRunner().invoke(cli, ["score", *args])
+    assert res.exit_code == 2 and message in res.output
+
+
+def test_no_runs_found(tmp_path):
+    res = CliRunner().invoke(cli, ["score", str(tmp_path)])
+    assert res.exit_code == 2 and "no runs found" in res.output
+
+
+def test_compare(env):
+    results, a, b = env
+    score(results)
+    res = CliRunner().invoke(cli, ["compare", str(a), str(b), "--bootstrap", "50"])
+    assert res.exit_code == 0, res.output
+    for word in ("clip_t", "clip_r", "clip_i", "dino", "single", "multi", "all"):
+        assert word in res.output
+    res = CliRunner().invoke(cli, ["compare", str(a), str(a)])
+    assert res.exit_code == 0 and "0.00" in res.output
+
+
+def test_clip_t_matches_transformers_clip(env):
+    """CLIP-T of the scorer = 100 * cos from transformers' CLIPModel on the same (tiny) weights,
+    from the image files and prompts, with open_clip's own eval transform and HF tokenizer ids.
+
+    (transformers' CLIPImageProcessor is not used: it resizes differently from PIL, by up to
+    2/255 per pixel, which moves CLIP-T by more than the tolerance.)
+    """
+    import open_clip
+
+    from relationbench.backbones import build_clip_tokenizers, get_backbone
+
+    results, a, _ = env
+    score(a)
+    df = read(a).sort_values(["case_id", "index"])
+    hf = hf_clip_from_open_clip(get_backbone("tiny").clip_model())
+    transform = open_clip.image_transform(224, is_train=False)
+    pixels = torch.stack([transform(Image.open(a / "images" / c / f"{i}.png"))
+                          for c, i in zip(df["case_id"], df["index"])])
+    tokenizer = build_clip_tokenizers()[1]  # pads with id 0, like open_clip
+    ids = tokenizer(list(df["text"]), padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        img, txt = hf_image_features(hf, pixels), hf_text_features(hf, ids["input_ids"])
+    expected = 100 * torch.nn.functional.cosine_similarity(img.double(), txt.double()).numpy()
+    np.testing.assert_allclose(df["clip_t"].to_numpy(), expected, atol=1e-4)
+
+
+def test_dino_matches_pairwise_loop(env):
+    """DINO of a multi-object image = mean over subjects of the mean cosine to each reference."""
+    from relationbench.backbones import get_backbone
+    from relationbench.data import reference_images
+    from relationbench.suites import load_suite
+
+    results, a, _ = env
+    score(a)
+    row = read(a).query("case_id == 'rb-m-001' and index == 1").iloc[0]
+    model = get_backbone("tiny").dino_model()
+
+    def feature(path):
+        x = torch.from_numpy(DINO_PREPROCESS(Image.open(path)))[None]
+        with torch.no_grad():
+            return model(pixel_values=x).last_hidden_state[0, 0]
+
+    gen = feature(a / "images" / "rb-m-001" / "1.png")
+    per_subject = []
+    for subject in load_suite("relationbench").case("rb-m-001").subjects:
+        refs = reference_images(subject)
+        per_subject.append(sum(float(torch.cosine_similarity(gen, feature(r), dim=0)) for r in refs) / len(refs))
+    assert row["dino_1"] == pytest.approx(100 * per_subject[0], abs=1e-4)
+    assert row["dino_2"] == pytest.approx(100 * per_subject[1], abs=1e-4)
+    assert row["dino"] == pytest.approx(50 * sum(per_subject), abs=1e-4)
