@@ -205,3 +205,23 @@ def test_dino_matches_pairwise_loop(env):
     assert row["dino_1"] == pytest.approx(100 * per_subject[0], abs=1e-4)
     assert row["dino_2"] == pytest.approx(100 * per_subject[1], abs=1e-4)
     assert row["dino"] == pytest.approx(50 * sum(per_subject), abs=1e-4)
+
+
+def test_generate_then_score_with_a_prompt_prefix(tmp_path, monkeypatch):
+    """The real path: tiny sdxl images (with a prompt prefix the method records) scored;
+    CLIP-T sees the case prompt."""
+    from relationbench.suites import load_suite
+
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
+    card = tmp_path / "sdxl-prefixed.yaml"
+    card.write_text("name: sdxl-prefixed\nadapter: relationbench.methods.sdxl:SDXLMethod\n"
+                    "settings: {steps: 2, prompt_prefix: 'best quality, '}\n")
+    out = tmp_path / "results" / "relationbench" / "sdxl-prefixed@tiny"
+    res = CliRunner().invoke(cli, ["generate", "--method", str(card), "--backbone", "tiny", "--quiet",
+                                "--cases", "rb-s-001,rb-m-001", "--batch-size", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    score(tmp_path / "results")
+    df = read(out)
+    suite = load_suite("relationbench")
+    assert len(df) == 2 and all(t == suite.case(c).prompt for t, c in zip(df["text"], df["case_id"]))
+    assert (tmp_path / "results" / "leaderboard.tex").exists()

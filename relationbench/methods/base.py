@@ -49,7 +49,12 @@ class Request:
 
 @dataclass
 class Sample:
-    """A generated image and what the manifest should record about how it was made."""
+    """A generated image and what the manifest should record about how it was made.
+
+    The scorer reads three keys of `meta`: `prompt` (the text the model was given),
+    `prompt_prefix` (quality words put before the case prompt) and `identifiers` (tokens such
+    as DreamBooth's "sks"); CLIP-T scores `prompt` without the prefix and the identifiers.
+    """
 
     image: "Image.Image"
     meta: dict[str, Any] = field(default_factory=dict)

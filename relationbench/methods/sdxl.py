@@ -71,4 +71,5 @@ class SDXLMethod:
                 generator=request_generators(requests, self.context.device),
                 output_type="pil",
             ).images
-        return [Sample(img, {"prompt": p}) for img, p in zip(images, prompts)]
+        extra = {"prompt_prefix": s.prompt_prefix} if s.prompt_prefix else {}
+        return [Sample(img, {"prompt": p, **extra}) for img, p in zip(images, prompts)]
