@@ -180,7 +180,7 @@ class _ImageFiles:
     stops the others.
     """
 
-    def __init__(self, paths: list[Path], known: list[bool | set[str]]):
+    def __init__(self, paths: list[Path], known: list[set[str]]):
         self.paths, self.known = paths, known  # known[i]: hashes whose embeddings are cached
 
     def __len__(self) -> int:
@@ -280,9 +280,15 @@ def _load_encoders(backbone: "Backbone", opts: ScoreOptions, device: str, dtype)
     clip = load_clip(backbone, opts.clip, device, dtype)
     dino = load_dino(backbone, device, dtype)
     name = dtype_name(dtype)
-    if name != "fp32":  # reduced precision moves scores slightly: the id says so
-        clip.id, dino.id = f"{clip.id}@{name}", f"{dino.id}@{name}"
+    clip.id, dino.id = encoder_ids(backbone, opts.clip, name)
     return _Encoders(clip, dino, name)
+
+
+def encoder_ids(backbone: "Backbone", arch: str, dtype_name: str) -> tuple[str, str]:
+    """The (CLIP, DINO) ids written next to scores; reduced precision moves scores slightly,
+    so it is part of the id."""
+    suffix = "" if dtype_name == "fp32" else f"@{dtype_name}"
+    return backbone.clip_id(arch) + suffix, backbone.dino_id() + suffix
 
 
 # --------------------------------------------------------------------------- scoring
@@ -408,7 +414,7 @@ def score(opts: ScoreOptions) -> ScoreSummary:
     from tqdm.auto import tqdm
 
     from .backbones import get_backbone
-    from .devices import resolve_device, resolve_dtype
+    from .devices import dtype_name, resolve_device, resolve_dtype
     from .report.aggregate import load_scores, summarize
     from .report.leaderboard import write_leaderboard
 
@@ -425,8 +431,10 @@ def score(opts: ScoreOptions) -> ScoreSummary:
         return backbones[name]
 
     def ids_for(name: str) -> tuple[str, str]:
-        b = backbone_for(name)
-        return b.clip_id(opts.clip), b.dino_id()
+        return encoder_ids(backbone_for(name), opts.clip, dtype_label)
+
+    # fp32 unless asked otherwise; "auto" depends on the device (and imports torch to see it)
+    dtype_label = opts.dtype if opts.dtype != "auto" else dtype_name(resolve_dtype("auto", resolve_device(opts.device)))
 
     start = time.perf_counter()
     failures: list[tuple[str, str]] = []
