@@ -218,9 +218,10 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def default_workers(device: str) -> int:
-    """Decoding processes: on a GPU up to 8; on a CPU, cores beyond the one encoding."""
+    """Decoding processes: on a GPU one per core (up to 16: a 1024 px PNG costs ~47 ms of CPU
+    to decode and preprocess, bench/RESULTS.md); on a CPU, cores beyond the one encoding."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores) if device != "cpu" else max(0, min(4, cores - 1))
+    return min(16, cores) if device != "cpu" else max(0, min(4, cores - 1))
 
 
 # --------------------------------------------------------------------------- the encoders
