@@ -332,6 +332,17 @@ TINY_DINO = dict(  # facebook/dino-vits16: hidden 384, 12 layers, 6 heads, mlp 1
 )
 _METRIC_SEED_OFFSETS = {"clip": 11, "dino": 12}
 
+# MS-Diffusion at toy size: its image encoder (CLIP ViT-bigG/14 vision tower on sdxl: hidden
+# 1664, 48 layers, 16 heads, patch 14, 224 px -> 257 tokens) and its resampler's own widths
+# (sdxl: dim 1280, depth 4, 20 heads of 64); the other resampler dims follow the components.
+TINY_IMAGE_ENCODER = dict(
+    hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+    image_size=224, patch_size=14, projection_dim=32, hidden_act="gelu",
+)
+TINY_RESAMPLER = dict(dim=64, depth=2, dim_head=16, heads=4)
+_MS_SEED_OFFSETS = {"image_encoder": 21, "msdiffusion": 22}
+
+
 
 def _patch_size(arch: str) -> int:
     match = re.search(r"/?-(\d+)$", arch)
@@ -359,6 +370,16 @@ def build_tiny_dino(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + _METRIC_SEED_OFFSETS["dino"])
         return ViTModel(ViTConfig(**TINY_DINO), add_pooling_layer=False).eval()
+
+
+def build_tiny_image_encoder(seed: int = 0):
+    """CLIPVisionModelWithProjection at toy size (257 tokens like bigG/14), seeded."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + _MS_SEED_OFFSETS["image_encoder"])
+        return CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_IMAGE_ENCODER)).eval()
 
 
 # --------------------------------------------------------------------------- availability
@@ -624,6 +645,24 @@ class Backbone:
         self._pipelines[cache_key] = pipe
         return pipe
 
+
+    # -- MS-Diffusion's image encoder (REFERENCE 1) -----------------------------------------
+    def image_encoder(self):
+        """The CLIP vision tower MS-Diffusion encodes subjects with, float32 on the CPU."""
+        if self.is_tiny:
+            return build_tiny_image_encoder(self.preset.seed or 0)
+        from transformers import CLIPVisionModelWithProjection
+
+        path = self.fetch("image_encoder")
+        try:
+            return CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval()
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"cannot load a CLIP vision model from this folder: {exc}",
+                path=path,
+                hint="give the folder of CLIP ViT-bigG/14's vision tower (h94/IP-Adapter sdxl_models/image_encoder) "
+                     "with --weight image_encoder=PATH",
+            ) from exc
 
     # -- metric encoders (REFERENCE 4) ------------------------------------------------------
     def _clip_key(self, arch: str) -> str:

@@ -1,0 +1,202 @@
+"""The `msdiffusion` method: SDXL with MS-Diffusion's grounded subject tokens.
+
+Case -> inputs: each subject's reference image (one per subject, recorded in the manifest)
+through the CLIP vision tower, its class noun as the grounding phrase, the case's boxes as
+the layout. Sampling is the stock diffusers SDXL pipeline with our processors installed and
+the image conditioning passed per call in cross_attention_kwargs (no state between calls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+
+from ...data import reference_images
+from ...errors import UserError
+from ..base import Context, Request, Sample
+from ..sampling import initial_latents, quiet_sliced, request_generators
+from .checkpoint import load_checkpoint, read_checkpoint
+from .model import MSAdapter
+from .resampler import ResamplerConfig
+
+PROMPT_PREFIX = "best quality, high quality, "
+NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+REFERENCE_SIZE = 512  # references are resized to 512 x 512 before CLIP's own preprocessing
+
+
+@dataclass(frozen=True)
+class MSDiffusionSettings:
+    steps: int = 30  # Euler, REFERENCE 1
+    guidance_scale: float = 7.5  # MS-Diffusion's script (the RelationBooth code uses 5.0)
+    scale: float = 0.6  # image branch weight (0.4 when a subject fills the image)
+    subject_scales: tuple[float, ...] | None = None  # per subject position; replaces `scale`
+    prompt_prefix: str = PROMPT_PREFIX
+    negative_prompt: str = NEGATIVE_PROMPT
+    reference_index: int = 0  # which of a subject's reference images (sorted by name)
+    offload_image_encoder: bool = False  # move the encoder to the CPU once subjects are encoded
+    height: int | None = None  # None: the backbone's resolution
+    width: int | None = None
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.subject_scales is not None:
+            object.__setattr__(self, "subject_scales", tuple(float(s) for s in self.subject_scales))
+        for side in (self.height, self.width):
+            if side is not None and side % 8:
+                raise ValueError(f"height and width must be multiples of 8, got {side}")
+
+
+def resampler_config(backbone, unet, text_encoder) -> ResamplerConfig:
+    """The official widths on sdxl; toy widths on tiny; the rest read from the components."""
+    if backbone.is_tiny:
+        from ...backbones import TINY_IMAGE_ENCODER, TINY_RESAMPLER
+
+        return ResamplerConfig(**TINY_RESAMPLER, embedding_dim=TINY_IMAGE_ENCODER["hidden_size"],
+                               output_dim=unet.config.cross_attention_dim,
+                               phrase_embeddings_dim=text_encoder.config.hidden_size)
+    return ResamplerConfig(output_dim=unet.config.cross_attention_dim,
+                           phrase_embeddings_dim=text_encoder.config.hidden_size)
+
+
+class MSDiffusionMethod:
+    Settings = MSDiffusionSettings
+    needs_references: ClassVar[bool] = True
+
+    def __init__(self, settings: MSDiffusionSettings, context: Context):
+        self.settings = settings
+        self.context = context
+        self._pipe = None
+        self.adapter: MSAdapter | None = None
+        self._encoder = None
+        self._processor = None
+        self._embeds: dict[str, torch.Tensor] = {}  # reference path -> [257, E]
+        self._phrases: dict[str, torch.Tensor] = {}  # phrase -> pooled text embedding
+
+    # -- set-up ------------------------------------------------------------------------------
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            ctx = self.context
+            pipe = quiet_sliced(ctx.backbone.sdxl_pipeline(device=ctx.device, dtype=ctx.dtype))
+            cfg = resampler_config(ctx.backbone, pipe.unet, pipe.text_encoder)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((ctx.backbone.preset.seed or 0) * 1000 + 22)  # tiny: seeded weights
+                adapter = MSAdapter(pipe.unet, cfg)
+            if not ctx.backbone.is_tiny:
+                path = ctx.backbone.fetch("msdiffusion")
+                load_checkpoint(adapter, read_checkpoint(path), path)
+            self.adapter = adapter.to(device=ctx.device, dtype=pipe.unet.dtype).eval()
+            self._pipe = pipe
+        return self._pipe
+
+    def _image_encoder(self):
+        if self._encoder is None:
+            from transformers import CLIPImageProcessor
+
+            encoder = self.context.backbone.image_encoder()
+            want = self.adapter.cfg.embedding_dim
+            if encoder.config.hidden_size != want:
+                raise UserError(
+                    f"MS-Diffusion needs the CLIP ViT-bigG/14 vision tower (hidden size {want}); this image "
+                    f"encoder has hidden size {encoder.config.hidden_size}"
+                    + (" (a ViT-H/14: the SD 1.5 IP-Adapter encoder)" if encoder.config.hidden_size == 1024 else ""),
+                    hint="use h94/IP-Adapter sdxl_models/image_encoder (--weight image_encoder=PATH)",
+                )
+            self._encoder = encoder.to(self.context.device, self.pipe.unet.dtype)
+            self._processor = CLIPImageProcessor()  # 224, bicubic, centre crop, OpenAI mean/std
+        return self._encoder
+
+    def size(self) -> tuple[int, int]:
+        res = self.context.backbone.resolution
+        return (self.settings.height or res, self.settings.width or res)
+
+    def reference(self, subject) -> str:
+        refs = reference_images(subject, self.context.data_root)
+        if not refs:
+            raise UserError(f"subject {subject.name!r} has no reference images",
+                            hint=f"relbench data fetch {subject.source}")
+        return str(refs[min(self.settings.reference_index, len(refs) - 1)])
+
+    # -- encoding (once per subject / phrase) ----------------------------------------------------
+    def prepare(self, cases) -> None:
+        self.pipe  # noqa: B018  (load before the progress bar starts)
+        self.encode_references([self.reference(s) for c in cases for s in c.subjects])
+        if self.settings.offload_image_encoder and self._encoder is not None:
+            self._encoder.to("cpu")
+
+    @torch.inference_mode()
+    def encode_references(self, paths: Sequence[str]) -> None:
+        """Penultimate hidden states of the vision tower, once per reference image."""
+        from PIL import Image
+
+        todo = [p for p in dict.fromkeys(paths) if p not in self._embeds]
+        if not todo:
+            return
+        encoder = self._image_encoder()
+        device = next(encoder.parameters()).device
+        for i in range(0, len(todo), 16):
+            chunk = todo[i : i + 16]
+            images = [Image.open(p).convert("RGB").resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.Resampling.BICUBIC)
+                      for p in chunk]
+            pixels = self._processor(images=images, return_tensors="pt").pixel_values.to(device, encoder.dtype)
+            hidden = encoder(pixels, output_hidden_states=True).hidden_states[-2]
+            self._embeds.update(zip(chunk, hidden.to(self.context.device)))
+
+    @torch.inference_mode()
+    def phrase_embeds(self, phrases: Sequence[str]) -> torch.Tensor:
+        """Pooled output of SDXL's first text encoder for each phrase (memoized)."""
+        pipe = self.pipe
+        new = [p for p in dict.fromkeys(phrases) if p not in self._phrases]
+        if new:
+            ids = pipe.tokenizer(new, max_length=pipe.tokenizer.model_max_length, padding="max_length",
+                                 truncation=True, return_tensors="pt").input_ids.to(self.context.device)
+            self._phrases.update(zip(new, pipe.text_encoder(ids).pooler_output))
+        return torch.stack([self._phrases[p] for p in phrases])
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def _scales(self, n: int) -> torch.Tensor:
+        s = self.settings
+        if s.subject_scales is None:
+            return torch.full((n,), s.scale)
+        if len(s.subject_scales) < n:
+            raise UserError(f"subject_scales has {len(s.subject_scales)} values but a case has {n} subjects")
+        return torch.tensor(s.subject_scales[:n])
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request]) -> list[Sample]:
+        s, pipe = self.settings, self.pipe
+        device, dtype = self.context.device, pipe.unet.dtype
+        height, width = self.size()
+        refs = [[self.reference(subj) for subj in r.case.subjects] for r in requests]
+        self.encode_references([p for row in refs for p in row])
+        tokens, boxes, scales = [], [], []
+        for r, row in zip(requests, refs):
+            box = torch.tensor(r.case.boxes, dtype=torch.float32, device=device)
+            phrases = self.phrase_embeds([subj.class_noun for subj in r.case.subjects]).to(dtype)
+            image = torch.stack([self._embeds[p] for p in row]).to(dtype)
+            tokens.append(self.adapter.subject_tokens(image, phrases, box.to(dtype)))
+            boxes.append(box)
+            scales.append(self._scales(len(row)).to(device))
+        scale_factor = pipe.vae_scale_factor
+        latent_hw = (height // scale_factor, width // scale_factor)
+        guidance = s.guidance_scale > 1
+        ms = self.adapter.conditioning(tokens, boxes, scales, latent_hw, guidance)
+        prompts = [s.prompt_prefix + r.case.prompt for r in requests]
+        shape = (pipe.unet.config.in_channels, *latent_hw)
+        images = pipe(
+            prompt=prompts,
+            negative_prompt=[s.negative_prompt] * len(requests) if s.negative_prompt else None,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            height=height,
+            width=width,
+            latents=initial_latents(requests, shape, device, dtype),
+            generator=request_generators(requests, device),
+            cross_attention_kwargs={"ms": ms},
+            output_type="pil",
+        ).images
+        extra = {"prompt_prefix": s.prompt_prefix} if s.prompt_prefix else {}
+        return [Sample(img, {"prompt": p, "references": row, **extra}) for img, p, row in zip(images, prompts, refs)]
