@@ -96,8 +96,8 @@ class MSDiffusionMethod:
         if self._encoder is None:
             from transformers import CLIPImageProcessor
 
+            want = resampler_config(self.context.backbone, self.pipe.unet, self.pipe.text_encoder).embedding_dim
             encoder = self.context.backbone.image_encoder()
-            want = self.adapter.cfg.embedding_dim
             if encoder.config.hidden_size != want:
                 raise UserError(
                     f"MS-Diffusion needs the CLIP ViT-bigG/14 vision tower (hidden size {want}); this image "

@@ -1,0 +1,323 @@
+"""MS-Diffusion: equivalence with a plain reference of the official rules, strict checkpoint
+loading, and the `msdiffusion` method on the tiny backbone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from relationbench.backbones import build_tiny_components
+from relationbench.cli import cli
+from relationbench.errors import UserError
+from relationbench.methods.msdiffusion.attention import ImageConditioning, box_cells, grid_for
+from relationbench.methods.msdiffusion.checkpoint import convert, load_checkpoint, read_checkpoint
+from relationbench.methods.msdiffusion.model import MSAdapter, attn2_modules
+from relationbench.methods.msdiffusion.resampler import GroundingResampler, ResamplerConfig, fourier_box_embedding
+
+from . import msdiffusion_reference as ref
+from .score_runs import make_references
+
+TINY_CFG = ResamplerConfig(dim=32, depth=2, dim_head=8, heads=4, embedding_dim=24, output_dim=96,
+                           phrase_embeddings_dim=32)
+
+
+def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter moved off its init, so no mapping can pass by symmetry or zeros."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return module.eval()
+
+
+# -- resampler ----------------------------------------------------------------------------------
+def test_fourier_layout():
+    boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9], [0.0, 0.5, 0.5, 1.0]])
+    expected = torch.tensor([ref.fourier(b.tolist()) for b in boxes])
+    torch.testing.assert_close(fourier_box_embedding(boxes), expected, atol=1e-5, rtol=0)  # fp32 angles up to ~56
+
+
+def test_resampler_matches_reference():
+    torch.manual_seed(0)
+    model = perturbed(GroundingResampler(TINY_CFG))
+    image = torch.randn(3, 257, 24)
+    phrase = torch.randn(3, 32)
+    boxes = torch.tensor([[0.1, 0.1, 0.6, 0.9], [0.4, 0.0, 1.0, 0.5], [0.0, 0.0, 1.0, 1.0]])
+    drop = torch.tensor([False, True, False])
+    with torch.no_grad():
+        ours = model(image, phrase, boxes, drop)
+        expected = torch.stack([ref.resampler(model, image[i], phrase[i], boxes[i].tolist(), bool(drop[i]))
+                                for i in range(3)])
+    assert ours.shape == (3, 16, 96)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+# -- masks and the processor -----------------------------------------------------------------------
+def test_box_cells_floor_ceil():
+    boxes = torch.tensor([[[0.26, 0.0, 0.5, 0.49]]])  # 4x4 grid: x cells 1..1, y cells 0..1
+    cells = box_cells(boxes, 4, 4)[0, :, 0].view(4, 4)
+    expected = torch.tensor([[ref.in_box([0.26, 0.0, 0.5, 0.49], y, x, 4, 4) for x in range(4)] for y in range(4)])
+    assert torch.equal(cells, expected)
+    assert not box_cells(torch.zeros(1, 1, 4), 4, 4).any()
+    assert grid_for(6 * 8, (24, 32)) == (6, 8) and grid_for(3 * 4, (24, 32)) == (3, 4)
+
+
+@pytest.fixture(scope="module")
+def unet_and_adapter():
+    parts = build_tiny_components(0)
+    unet = parts["unet"]
+    cfg = ResamplerConfig(dim=32, depth=1, dim_head=8, heads=4, embedding_dim=24, output_dim=96,
+                          phrase_embeddings_dim=32)
+    torch.manual_seed(1)
+    adapter = perturbed(MSAdapter(unet, cfg))
+    perturbed(unet, seed=2)
+    return unet, adapter
+
+
+def _attn2(unet, adapter):
+    k, name = next(iter(adapter.index.items()))
+    return unet.get_submodule(name), adapter.cross[str(k)]
+
+
+CASES = {
+    # per row: boxes (zeros = unconditional / padding)
+    "cfg_two_subjects_overlap": [[[0, 0, 0, 0], [0, 0, 0, 0]], [[0.1, 0.1, 0.6, 0.8], [0.4, 0.3, 0.95, 0.9]]],
+    "mixed_counts": [[[0.0, 0.0, 0.5, 1.0], [0, 0, 0, 0]], [[0.2, 0.2, 0.9, 0.7], [0.5, 0.0, 1.0, 0.6]],
+                     [[0.3, 0.3, 0.35, 0.37], [0, 0, 0, 0]]],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
+@pytest.mark.parametrize("per_subject", [False, True])
+def test_processor_matches_reference(unet_and_adapter, case, grid, per_subject):
+    unet, adapter = unet_and_adapter
+    attn, proc = _attn2(unet, adapter)
+    boxes = CASES[case]
+    b, s = len(boxes), 2
+    h, w = grid
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(b, h * w, attn.to_q.in_features, generator=g)
+    text = torch.randn(b, 77, 96, generator=g)
+    tokens = torch.randn(b, 4 + s * 16, 96, generator=g)
+    box_t = torch.tensor(boxes, dtype=torch.float32)
+    for i in range(b):  # the unconditional branch and padding carry zero tokens
+        for j in range(s):
+            if not any(boxes[i][j]):
+                tokens[i, 4 + j * 16 : 4 + (j + 1) * 16] = 0
+        if not any(any(bx) for bx in boxes[i]):
+            tokens[i] = 0
+    subject_scale = [0.7, 0.3] if per_subject else [0.6, 0.6]
+    scales = torch.tensor([[subject_scale[j] if any(boxes[i][j]) else 0.0 for j in range(s)] for i in range(b)])
+    token_scale = [[1.0] * 4 + [float(scales[i, j]) for j in range(s) for _ in range(16)] for i in range(b)]
+    ms = ImageConditioning(tokens, box_t, scales, latent_hw=(h, w))
+    with torch.no_grad():
+        ours = proc(attn, hidden, text, ms=ms)
+        expected = ref.cross_attention(attn, proc, hidden, text, tokens, boxes, token_scale, h, w)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_without_conditioning_the_processor_is_text_attention(unet_and_adapter):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet, adapter = unet_and_adapter
+    attn, proc = _attn2(unet, adapter)
+    hidden, text = torch.randn(2, 16, attn.to_q.in_features), torch.randn(2, 77, 96)
+    zero = ImageConditioning(torch.zeros(2, 20, 96), torch.zeros(2, 1, 4), torch.zeros(2, 1), (4, 4))
+    with torch.no_grad():
+        stock = AttnProcessor2_0()(attn, hidden, text)
+        torch.testing.assert_close(proc(attn, hidden, text), stock, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(proc(attn, hidden, text, ms=zero), stock, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_processor_half_precision(unet_and_adapter, dtype):
+    import copy
+
+    unet, adapter = unet_and_adapter
+    attn, proc = _attn2(unet, adapter)
+    attn_h, proc_h = copy.deepcopy(attn).to(dtype), copy.deepcopy(proc).to(dtype)
+    hidden, text = torch.randn(2, 16, attn.to_q.in_features), torch.randn(2, 77, 96)
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 1.0]], [[0.2, 0.2, 0.9, 0.9]]])
+    args = (torch.randn(2, 20, 96), boxes, torch.full((2, 1), 0.6), (4, 4))
+    with torch.no_grad():
+        full = proc(attn, hidden, text, ms=ImageConditioning(*args))
+        half = proc_h(attn_h, hidden.to(dtype), text.to(dtype), ms=ImageConditioning(*args))
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.05)
+
+
+# -- checkpoint ---------------------------------------------------------------------------------------
+def official_layout(unet, cfg: ResamplerConfig, seed: int = 5) -> dict:
+    """A checkpoint in the official layout built from REFERENCE 1's key list, not from our modules."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    d, q, gd, inner, ff = cfg.dim, cfg.num_queries, cfg.grounding_dim, cfg.heads * cfg.dim_head, cfg.dim * cfg.ff_mult
+    proj = {"grounding_latents": r(1, q, d), "latent_proj.0.weight": r(2 * gd, gd), "latent_proj.0.bias": r(2 * gd),
+            "latent_proj.2.weight": r(d * q, 2 * gd), "latent_proj.2.bias": r(d * q)}
+    for name, width in (("latent_norm", d), ("attention_norm", d), ("norm_out", cfg.output_dim)):
+        proj[f"{name}.weight"], proj[f"{name}.bias"] = r(width), r(width)
+    proj.update({"proj_in.weight": r(d, cfg.embedding_dim), "proj_in.bias": r(d),
+                 "proj_out.weight": r(cfg.output_dim, d), "proj_out.bias": r(cfg.output_dim)})
+    for i in range(cfg.depth):
+        for n in ("norm1", "norm2"):
+            proj[f"layers.{i}.0.{n}.weight"], proj[f"layers.{i}.0.{n}.bias"] = r(d), r(d)
+        proj[f"layers.{i}.0.to_q.weight"] = r(inner, d)
+        proj[f"layers.{i}.0.to_kv.weight"] = r(2 * inner, d)
+        proj[f"layers.{i}.0.to_out.weight"] = r(d, inner)
+        proj[f"layers.{i}.1.0.weight"], proj[f"layers.{i}.1.0.bias"] = r(d), r(d)
+        proj[f"layers.{i}.1.1.weight"], proj[f"layers.{i}.1.3.weight"] = r(ff, d), r(d, ff)
+    adapter = {}
+    for k, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            module = unet.get_submodule(name.removesuffix(".processor"))
+            hidden, cross = module.to_k.out_features, module.to_k.in_features
+            adapter[f"{k}.to_k_ip.weight"], adapter[f"{k}.to_v_ip.weight"] = r(hidden, cross), r(hidden, cross)
+    return {"image_proj": proj, "ms_adapter": adapter,
+            "dummy_image_tokens": r(1, 4, unet.config.cross_attention_dim)}
+
+
+@pytest.fixture
+def fresh():
+    parts = build_tiny_components(0)
+    return parts["unet"], MSAdapter(parts["unet"], TINY_CFG)
+
+
+def test_attn2_indices_come_from_the_unet(fresh):
+    unet, adapter = fresh
+    names = list(unet.attn_processors)
+    assert all(names[k].endswith("attn2.processor") for k in adapter.index)
+    assert len(adapter.index) == sum(n.endswith("attn2.processor") for n in names)
+    assert sorted(adapter.index) == [k for k, n in enumerate(names) if "attn2" in n]
+    assert attn2_modules(unet) == adapter.index
+
+
+def test_official_checkpoint_loads_strictly(fresh, tmp_path):
+    unet, adapter = fresh
+    state = official_layout(unet, TINY_CFG)
+    path = tmp_path / "ms_adapter.bin"
+    torch.save(state, path)
+    load_checkpoint(adapter, read_checkpoint(path), path)
+    for key, value in state["image_proj"].items():
+        assert torch.equal(adapter.resampler.state_dict()[key], value), key
+    for key, value in state["ms_adapter"].items():
+        k, _, name = key.partition(".")
+        assert torch.equal(adapter.cross[k].state_dict()[name], value), key
+        # ... and the processor at index k is the one installed on that attn2 module
+        module = unet.get_submodule(list(unet.attn_processors)[int(k)].removesuffix(".processor"))
+        assert module.processor is adapter.cross[k]
+    assert torch.equal(adapter.dummy_image_tokens, state["dummy_image_tokens"])
+    # the safetensors conversion loads to the same weights
+    converted = tmp_path / "ms_adapter.safetensors"
+    assert convert(path, converted) == len(state["image_proj"]) + len(state["ms_adapter"]) + 1
+    again = read_checkpoint(converted)
+    assert all(torch.equal(again["image_proj"][k], v) for k, v in state["image_proj"].items())
+    assert torch.equal(again["dummy_image_tokens"], state["dummy_image_tokens"])
+
+
+@pytest.mark.parametrize("break_it,words", [
+    (lambda s: s["image_proj"].update({"proj_inn.weight": s["image_proj"].pop("proj_in.weight")}),
+     ["missing proj_in.weight", "unexpected proj_inn.weight"]),
+    (lambda s: s["ms_adapter"].update({"1.to_k_ip.weight": s["ms_adapter"]["1.to_k_ip.weight"][:, :-1]}),
+     ["wrong shape 1.to_k_ip.weight"]),
+    (lambda s: s["ms_adapter"].pop(sorted(s["ms_adapter"])[-1]), ["ms_adapter: missing"]),
+    (lambda s: s.update({"dummy_image_tokens": torch.zeros(1, 5, 96)}), ["dummy_image_tokens: shape"]),
+])
+def test_checkpoint_that_does_not_fit_is_refused(fresh, tmp_path, break_it, words):
+    unet, adapter = fresh
+    state = official_layout(unet, TINY_CFG)
+    break_it(state)
+    before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    with pytest.raises(UserError) as err:
+        load_checkpoint(adapter, state, "ms_adapter.bin")
+    for word in words:
+        assert word in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in adapter.state_dict().items())  # nothing half-loaded
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "ms_adapter.bin"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(UserError, match="top-level keys"):
+        read_checkpoint(bad)
+    (tmp_path / "junk.bin").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="cannot read"):
+        read_checkpoint(tmp_path / "junk.bin")
+
+
+def test_wrong_image_encoder_is_named(monkeypatch, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from relationbench.backbones import Backbone, get_backbone
+    from relationbench.methods import Context
+    from relationbench.methods.msdiffusion import MSDiffusionMethod, MSDiffusionSettings
+
+    vit_h = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=2, image_size=224, patch_size=14))
+    monkeypatch.setattr(Backbone, "image_encoder", lambda self: vit_h)
+    method = MSDiffusionMethod(MSDiffusionSettings(steps=1), Context(get_backbone("tiny"), "cpu", torch.float32, tmp_path))
+    with pytest.raises(UserError, match="ViT-bigG/14 vision tower .hidden size 48.*hidden size 1024.*ViT-H"):
+        method.encode_references([str(tmp_path / "x.jpg")])
+
+
+# -- the method --------------------------------------------------------------------------------------------
+@pytest.fixture
+def ms_card(tmp_path):
+    card = tmp_path / "ms-fast.yaml"
+    card.write_text("name: ms-fast\nadapter: relationbench.methods.msdiffusion:MSDiffusionMethod\n"
+                    "settings: {steps: 3}\n")
+    return card
+
+
+CASE_IDS = ["rb-s-001", "rb-m-001", "rb-m-002", "rb-s-002"]
+
+
+def _generate(card, out, *extra):
+    res = CliRunner().invoke(cli, ["generate", "--method", str(card), "--backbone", "tiny", "--quiet",
+                                   "--cases", ",".join(CASE_IDS), "--out", str(out), *extra])
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    assert res.exit_code == 0, res.output
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_generate_single_and_multi(tmp_path, monkeypatch, ms_card):
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("RELBENCH_DATA", str(data))
+    make_references(data, CASE_IDS)
+    batched = _generate(ms_card, tmp_path / "b4", "--batch-size", "4")
+    assert sorted(r["case_id"] for r in batched) == sorted(CASE_IDS)
+    for r in batched:
+        assert len(r["references"]) == len(r["subjects"]) and all(str(data) in p for p in r["references"])
+        assert r["prompt"].startswith("best quality, high quality, ")
+    # rows with different subject counts in one batch give the images of one-by-one sampling
+    single = _generate(ms_card, tmp_path / "b1", "--batch-size", "1", "--no-batch-invariant")
+    for r in single:
+        a = np.asarray(Image.open(tmp_path / "b1" / r["path"]), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "b4" / r["path"]), dtype=np.int16)
+        assert np.abs(a - b).max() <= 2, r["case_id"]
+
+
+def test_no_state_between_calls(tmp_path, monkeypatch):
+    from relationbench.backbones import get_backbone
+    from relationbench.methods import Context, Request
+    from relationbench.methods.msdiffusion import MSDiffusionMethod, MSDiffusionSettings
+    from relationbench.suites import load_suite
+
+    monkeypatch.setenv("RELBENCH_DATA", str(tmp_path))
+    make_references(tmp_path, ["rb-m-001", "rb-s-001"])
+    suite = load_suite("relationbench")
+    method = MSDiffusionMethod(MSDiffusionSettings(steps=2, height=96, width=128),
+                               Context(get_backbone("tiny"), "cpu", torch.float32, tmp_path))
+    req = [Request(suite.case("rb-m-001"), 0, 11)]
+    first = method.generate(req)[0].image
+    method.generate([Request(suite.case("rb-s-001"), 0, 12)])
+    again = method.generate(req)[0].image
+    assert first.size == (128, 96)  # height != width
+    assert first.tobytes() == again.tobytes()
