@@ -243,6 +243,26 @@ def generate_cmd(method, suite, backbone, weights, limit, cases, kind, images_pe
                f"({summary.seconds:.1f} s)")
 
 
+# -- convert ------------------------------------------------------------------------------
+@cli.group(cls=_Group)
+def convert():
+    """Convert official checkpoints to safetensors."""
+
+
+@convert.command("msdiffusion")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def convert_msdiffusion(src, dst, force):
+    """MS-Diffusion's ms_adapter.bin (SRC) -> a safetensors file (DST); loads like the original."""
+    from .methods.msdiffusion.checkpoint import convert as convert_checkpoint
+
+    if dst.exists() and not force:
+        raise UserError("the output file exists", path=dst, hint="pass --force to replace it, or another DST")
+    n = convert_checkpoint(src, dst)
+    click.echo(f"{n} tensors written to {dst}")
+
+
 # -- score / compare -----------------------------------------------------------------------
 @cli.command("score")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))

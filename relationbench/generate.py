@@ -181,7 +181,7 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
     card = default_registry().card(opts.method)
     adapter = card.adapter_class()
     backbone = get_backbone(opts.backbone, opts.weights)
-    backbone.check_available()
+    backbone.check_available(getattr(adapter, "weights", ("sdxl",)))  # every weight the method loads
     root = data_root(opts.data_dir)
     if adapter.needs_references:
         require_images({s.name: s for c in cases for s in c.subjects}.values(), root)

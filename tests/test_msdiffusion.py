@@ -321,3 +321,36 @@ def test_no_state_between_calls(tmp_path, monkeypatch):
     again = method.generate(req)[0].image
     assert first.size == (128, 96)  # height != width
     assert first.tobytes() == again.tobytes()
+
+
+def test_convert_command(fresh, tmp_path):
+    unet, _ = fresh
+    src, dst = tmp_path / "ms_adapter.bin", tmp_path / "ms_adapter.safetensors"
+    torch.save(official_layout(unet, TINY_CFG), src)
+    res = CliRunner().invoke(cli, ["convert", "msdiffusion", str(src), str(dst)])
+    assert res.exit_code == 0, res.output
+    adapter = MSAdapter(build_tiny_components(0)["unet"], TINY_CFG)
+    load_checkpoint(adapter, read_checkpoint(dst), dst)
+    res = CliRunner().invoke(cli, ["convert", "msdiffusion", str(src), str(dst)])
+    assert res.exit_code == 2 and "--force" in res.output
+    (tmp_path / "bad.bin").write_bytes(b"junk")
+    res = CliRunner().invoke(cli, ["convert", "msdiffusion", str(tmp_path / "bad.bin"), str(tmp_path / "o.st")])
+    assert res.exit_code == 2 and not (tmp_path / "o.st").exists()
+
+
+def test_sdxl_without_adapter_weights_stops_before_work(tmp_path, monkeypatch):
+    """On sdxl every weight MS-Diffusion loads is checked first: a missing ms_adapter.bin is
+    named (with the fix) before anything is written."""
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text("{}")
+    encoder = tmp_path / "image_encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    make_references(tmp_path / "data", ["rb-s-001"])
+    res = CliRunner().invoke(cli, ["generate", "--method", "msdiffusion", "--cases", "rb-s-001", "--out",
+                                   str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"),
+                                   "--weight", f"sdxl={sdxl}", "--weight", f"image_encoder={encoder}"])
+    assert res.exit_code == 2 and "msdiffusion" in res.output and "hf download doge1516/MS-Diffusion" in res.output
+    assert not (tmp_path / "run").exists()

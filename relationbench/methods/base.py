@@ -72,7 +72,9 @@ class Context:
 
 
 class Method(Protocol):
-    """The adapter interface. `needs_references`: the method reads subject images."""
+    """The adapter interface. `needs_references`: the method reads subject images.
+    Optional `weights`: the backbone weight keys it loads (default ("sdxl",)), all checked
+    before any work starts."""
 
     needs_references: ClassVar[bool]
 

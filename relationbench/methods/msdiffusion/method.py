@@ -64,6 +64,7 @@ def resampler_config(backbone, unet, text_encoder) -> ResamplerConfig:
 class MSDiffusionMethod:
     Settings = MSDiffusionSettings
     needs_references: ClassVar[bool] = True
+    weights: ClassVar[tuple[str, ...]] = ("sdxl", "image_encoder", "msdiffusion")  # checked before any work
 
     def __init__(self, settings: MSDiffusionSettings, context: Context):
         self.settings = settings
