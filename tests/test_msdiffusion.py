@@ -354,3 +354,65 @@ def test_sdxl_without_adapter_weights_stops_before_work(tmp_path, monkeypatch):
                                    "--weight", f"sdxl={sdxl}", "--weight", f"image_encoder={encoder}"])
     assert res.exit_code == 2 and "msdiffusion" in res.output and "hf download doge1516/MS-Diffusion" in res.output
     assert not (tmp_path / "run").exists()
+
+
+# -- auto layout ----------------------------------------------------------------------------------------
+def test_auto_layout_masks_follow_recorded_attention(unet_and_adapter):
+    """Before start_step records a layer uses the boxes; from then on the mean recorded phrase
+    attention, min-max normalized per map and thresholded."""
+    unet, adapter = unet_and_adapter
+    attn, proc = _attn2(unet, adapter)
+    g = torch.Generator().manual_seed(4)
+    hidden, text = torch.randn(2, 16, attn.to_q.in_features, generator=g), torch.randn(2, 77, 96, generator=g)
+    boxes = torch.tensor([[[0, 0, 0, 0]], [[0.0, 0.0, 0.5, 0.5]]])
+    phrase = torch.zeros(2, 1, 77)
+    phrase[1, 0, 3:5] = 1
+    ms = ImageConditioning(torch.randn(2, 20, 96, generator=g), boxes, torch.tensor([[0.0], [0.6]]), (4, 4),
+                           phrase_mask=phrase, mask_threshold=0.5, start_step=2)
+    with torch.no_grad():
+        first = proc(attn, hidden, text, ms=ms)
+        plain = proc(attn, hidden, text, ms=ImageConditioning(torch.cat([torch.zeros(1, 20, 96), ms.tokens]), boxes,
+                                                               torch.tensor([[0.0], [0.6]]), (4, 4)))
+        torch.testing.assert_close(first, plain)  # one record < start_step: boxes
+        proc(attn, hidden, text, ms=ms)
+        # the expected masks, by hand: text attention of row 1 to tokens 3 and 4, mean over heads
+        q = attn.to_q(hidden[1]).view(16, attn.heads, -1).transpose(0, 1)
+        k = attn.to_k(text[1]).view(77, attn.heads, -1).transpose(0, 1)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).mean(0)  # [16, 77]
+        m = probs[:, 3:5].mean(-1)
+        inside = ((m - m.min()) / (m.max() - m.min() + 1e-5) > 0.5)[None, :, None]
+        bias, fg = ms.layer_masks(id(proc), 16, torch.float32)
+    assert torch.equal(fg[0, :, 0].bool(), inside[0, :, 0])
+    assert torch.equal(bias[0, 0, :, 4:] == 0, inside[0].expand(-1, 16))
+
+
+def test_phrase_mask_positions(tmp_path):
+    from relationbench.backbones import get_backbone
+    from relationbench.methods import Context
+    from relationbench.methods.msdiffusion import MSDiffusionMethod, MSDiffusionSettings
+
+    method = MSDiffusionMethod(MSDiffusionSettings(steps=1), Context(get_backbone("tiny"), "cpu", torch.float32, tmp_path))
+    prompt = "best quality, high quality, a dog hugging a bear plushie next to a dog"
+    mask = method.phrase_mask(prompt, ["dog", "bear plushie"])
+    ids = method.pipe.tokenizer(prompt, max_length=77, padding="max_length").input_ids
+    words = [method.pipe.tokenizer.decode([i for i, on in zip(ids, row) if on]).strip() for row in mask.tolist()]
+    assert words == ["dog", "bear plushie"]
+    assert mask[0].nonzero().max() < mask[1].nonzero().min()  # the first dog, not the last
+    with pytest.raises(UserError, match="not among the tokens"):
+        method.phrase_mask(prompt, ["cat"])
+
+
+def test_auto_layout_generates_and_keeps_no_state(tmp_path, monkeypatch):
+    from relationbench.backbones import get_backbone
+    from relationbench.methods import Context, Request
+    from relationbench.methods.msdiffusion import MSDiffusionMethod, MSDiffusionSettings
+    from relationbench.suites import load_suite
+
+    make_references(tmp_path, ["rb-m-001"])
+    req = [Request(load_suite("relationbench").case("rb-m-001"), 0, 5)]
+    ctx = Context(get_backbone("tiny"), "cpu", torch.float32, tmp_path)
+    auto = MSDiffusionMethod(MSDiffusionSettings(steps=4, mask_threshold=0.5, start_step=2), ctx)
+    boxes = MSDiffusionMethod(MSDiffusionSettings(steps=4), Context(get_backbone("tiny"), "cpu", torch.float32, tmp_path))
+    a1, a2 = auto.generate(req)[0].image, auto.generate(req)[0].image
+    assert a1.tobytes() == a2.tobytes()
+    assert a1.tobytes() != boxes.generate(req)[0].image.tobytes()

@@ -59,10 +59,17 @@ class ImageConditioning:
 
     tokens: [B, dummy + S * queries, D]; boxes: [B, S, 4]; scales: [B, S] (a subject's scale,
     0 for padding). Rows whose boxes are all zero are left out of the image branch.
+
+    Auto layout (optional, `phrase_mask` [B, S, text tokens] marking each subject's phrase in
+    the prompt, and `mask_threshold`): every attn2 records, per call, the text attention of
+    each phrase (mean over heads and phrase tokens); from its `start_step`-th call on, the
+    mean of its records, min-max normalized per map and thresholded, replaces the boxes at
+    that layer. The records live in this object, i.e. for one sampling call only.
     """
 
     def __init__(self, tokens: torch.Tensor, boxes: torch.Tensor, scales: torch.Tensor,
-                 latent_hw: tuple[int, int], num_dummy: int = 4):
+                 latent_hw: tuple[int, int], num_dummy: int = 4, phrase_mask: torch.Tensor | None = None,
+                 mask_threshold: float | None = None, start_step: int = 5):
         b, s, _ = boxes.shape
         queries = (tokens.shape[1] - num_dummy) // max(s, 1)
         if tokens.shape[0] != b or tokens.shape[1] != num_dummy + s * queries or scales.shape != (b, s):
@@ -76,19 +83,43 @@ class ImageConditioning:
         dummy = torch.ones(len(self.rows), num_dummy, device=scales.device, dtype=scales.dtype)
         self.token_scales = torch.cat([dummy, scales[self.rows].repeat_interleave(queries, dim=1)], dim=1)
         self._masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.auto = phrase_mask is not None and mask_threshold is not None
+        if self.auto:
+            self.phrase_mask = phrase_mask[self.rows].float()  # type: ignore[index]
+            self.mask_threshold, self.start_step = float(mask_threshold), start_step  # type: ignore[arg-type]
+            self._maps: dict[int, list[torch.Tensor]] = {}
 
     def masks(self, cells: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(additive bias [R, 1, cells, T], foreground [R, cells, 1]) at a layer's resolution."""
+        """(additive bias [R, 1, cells, T], foreground [R, cells, 1]) from the boxes."""
         key = (cells, dtype)
         if key not in self._masks:
             h, w = grid_for(cells, self.latent_hw)
-            inside = box_cells(self.boxes, h, w)  # [R, cells, S]
-            foreground = inside.any(-1, keepdim=True)  # [R, cells, 1]
-            allowed = torch.cat([(~foreground).expand(-1, -1, self.num_dummy),
-                                 inside.repeat_interleave(self.queries, dim=-1)], dim=-1)
-            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, MASK_BIAS)
-            self._masks[key] = (bias[:, None], foreground.to(dtype))
+            self._masks[key] = self._bias(box_cells(self.boxes, h, w), dtype)
         return self._masks[key]
+
+    def _bias(self, inside: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """inside [R, cells, S] -> (bias, foreground): subject tokens where in the subject's
+        region, dummy tokens where in none, MASK_BIAS elsewhere."""
+        foreground = inside.any(-1, keepdim=True)
+        allowed = torch.cat([(~foreground).expand(-1, -1, self.num_dummy),
+                             inside.repeat_interleave(self.queries, dim=-1)], dim=-1)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, MASK_BIAS)
+        return bias[:, None], foreground.to(dtype)
+
+    def record(self, layer: int, probs: torch.Tensor) -> None:
+        """Text attention probabilities [R, heads, cells, text tokens] of one layer and call."""
+        weights = self.phrase_mask / self.phrase_mask.sum(-1, keepdim=True).clamp(min=1)  # [R, S, T]
+        maps = torch.einsum("rnt,rst->rns", probs.float().mean(1), weights)  # [R, cells, S]
+        self._maps.setdefault(layer, []).append(maps)
+
+    def layer_masks(self, layer: int, cells: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The masks a layer uses now: from its recorded attention once it has start_step
+        records (auto layout), else from the boxes."""
+        if not self.auto or len(self._maps.get(layer, ())) < max(self.start_step, 1):
+            return self.masks(cells, dtype)
+        mean = torch.stack(self._maps[layer]).mean(0)
+        low, high = mean.amin(1, keepdim=True), mean.amax(1, keepdim=True)
+        return self._bias((mean - low) / (high - low + 1e-5) > self.mask_threshold, dtype)
 
 
 def _attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
@@ -97,6 +128,13 @@ def _attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=Non
     split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
     out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, scale=attn.scale)
     return out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[-1])
+
+
+def _text_probs(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Softmax attention probabilities [B, heads, N, M] (auto layout needs them explicitly)."""
+    b, heads = q.shape[0], attn.heads
+    split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+    return torch.softmax((split(q) @ split(k).transpose(-2, -1)).float() * attn.scale, dim=-1)
 
 
 class MSCrossAttnProcessor(nn.Module):
@@ -124,9 +162,11 @@ class MSCrossAttnProcessor(nn.Module):
         out = _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states),
                          attention_mask)
         if ms is not None and len(ms.rows):
-            bias, foreground = ms.masks(hidden_states.shape[1], query.dtype)
-            tokens = ms.tokens.to(query.dtype)
             q = query if ms.all_rows else query[ms.rows]
+            if ms.auto:
+                ms.record(id(self), _text_probs(attn, q, attn.to_k(encoder_hidden_states[ms.rows])))
+            bias, foreground = ms.layer_masks(id(self), hidden_states.shape[1], query.dtype)
+            tokens = ms.tokens.to(query.dtype)
             v = self.to_v_ip(tokens) * ms.token_scales.to(query.dtype)[..., None]
             image = _attention(attn, q, self.to_k_ip(tokens), v, bias) * foreground
             out = out + image if ms.all_rows else out.index_add(0, ms.rows, image)

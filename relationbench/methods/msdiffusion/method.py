@@ -36,6 +36,8 @@ class MSDiffusionSettings:
     negative_prompt: str = NEGATIVE_PROMPT
     reference_index: int = 0  # which of a subject's reference images (sorted by name)
     offload_image_encoder: bool = False  # move the encoder to the CPU once subjects are encoded
+    mask_threshold: float | None = None  # auto layout (official value 0.5): attention maps replace boxes
+    start_step: int = 5  # auto layout: from this many recorded steps on
     height: int | None = None  # None: the backbone's resolution
     width: int | None = None
 
@@ -157,6 +159,25 @@ class MSDiffusionMethod:
             self._phrases.update(zip(new, pipe.text_encoder(ids).pooler_output))
         return torch.stack([self._phrases[p] for p in phrases])
 
+    def phrase_mask(self, prompt: str, phrases: Sequence[str]) -> torch.Tensor:
+        """[S, 77]: the prompt's token positions of each phrase (in order, each after the
+        previous one), for the auto layout's attention maps."""
+        tok = self.pipe.tokenizer
+        ids = tok(prompt, max_length=tok.model_max_length, padding="max_length", truncation=True).input_ids
+        mask = torch.zeros(len(phrases), len(ids))
+        start = 1
+        for j, phrase in enumerate(phrases):
+            sub = tok(phrase, add_special_tokens=False).input_ids
+            at = next((i for i in range(start, len(ids) - len(sub) + 1) if ids[i : i + len(sub)] == sub), None)
+            if at is None:
+                at = next((i for i in range(1, len(ids) - len(sub) + 1) if ids[i : i + len(sub)] == sub), None)
+            if at is None:
+                raise UserError(f"the phrase {phrase!r} is not among the tokens of the prompt {prompt!r}",
+                                hint="auto layout needs each class noun in the prompt; switch it off (mask_threshold: null)")
+            mask[j, at : at + len(sub)] = 1
+            start = at + len(sub)
+        return mask
+
     # -- sampling ----------------------------------------------------------------------------------
     def _scales(self, n: int) -> torch.Tensor:
         s = self.settings
@@ -184,8 +205,13 @@ class MSDiffusionMethod:
         scale_factor = pipe.vae_scale_factor
         latent_hw = (height // scale_factor, width // scale_factor)
         guidance = s.guidance_scale > 1
-        ms = self.adapter.conditioning(tokens, boxes, scales, latent_hw, guidance)
         prompts = [s.prompt_prefix + r.case.prompt for r in requests]
+        phrase_masks = None
+        if s.mask_threshold is not None:
+            phrase_masks = [self.phrase_mask(p, [subj.class_noun for subj in r.case.subjects]).to(device)
+                            for p, r in zip(prompts, requests)]
+        ms = self.adapter.conditioning(tokens, boxes, scales, latent_hw, guidance, phrase_masks,
+                                       s.mask_threshold, s.start_step)
         shape = (pipe.unet.config.in_channels, *latent_hw)
         images = pipe(
             prompt=prompts,

@@ -66,12 +66,14 @@ class MSAdapter(nn.Module):
         return self.resampler(image_embeds, phrase_embeds, boxes)
 
     def conditioning(self, tokens: list[torch.Tensor], boxes: list[torch.Tensor], scales: list[torch.Tensor],
-                     latent_hw: tuple[int, int], guidance: bool) -> ImageConditioning:
+                     latent_hw: tuple[int, int], guidance: bool, phrase_masks: list[torch.Tensor] | None = None,
+                     mask_threshold: float | None = None, start_step: int = 5) -> ImageConditioning:
         """Pack rows with different subject counts into one batch (zero padding, scale 0) and,
         with guidance, put the unconditional half (zero tokens, zero boxes) first, as the
         diffusers pipeline orders its batch.
 
-        tokens[i]: [S_i, 16, D]; boxes[i]: [S_i, 4]; scales[i]: [S_i].
+        tokens[i]: [S_i, 16, D]; boxes[i]: [S_i, 4]; scales[i]: [S_i]; phrase_masks[i]:
+        [S_i, text tokens] (auto layout only).
         """
         s_max = max(t.shape[0] for t in tokens)
         q, d = tokens[0].shape[1], tokens[0].shape[2]
@@ -83,6 +85,14 @@ class MSAdapter(nn.Module):
         for i, (t, bx, s) in enumerate(zip(tokens, boxes, scales)):
             tok[i, : t.shape[0]], box[i, : t.shape[0]], sc[i, : t.shape[0]] = t, bx, s
         seq = torch.cat([self.dummy_image_tokens.to(dtype).expand(b, -1, -1), tok.flatten(1, 2)], dim=1)
+        phrase = None
+        if phrase_masks is not None:
+            phrase = torch.zeros(b, s_max, phrase_masks[0].shape[-1], device=dev)
+            for i, m in enumerate(phrase_masks):
+                phrase[i, : m.shape[0]] = m
+        packed = [seq, box, sc] + ([phrase] if phrase is not None else [])
         if guidance:
-            seq, box, sc = (torch.cat([torch.zeros_like(x), x]) for x in (seq, box, sc))
-        return ImageConditioning(seq, box, sc, latent_hw, self.num_dummy)
+            packed = [torch.cat([torch.zeros_like(x), x]) for x in packed]
+        return ImageConditioning(*packed[:3], latent_hw, self.num_dummy,
+                                 phrase_mask=packed[3] if phrase is not None else None,
+                                 mask_threshold=mask_threshold, start_step=start_step)
