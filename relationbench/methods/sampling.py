@@ -13,9 +13,14 @@ def initial_latents(requests: Sequence[Request], shape: tuple[int, ...], device,
     Each image's noise depends only on its seed, never on the batch it lands in or the
     device, so batch size, order and sharding never change an image.
     """
+    return seeded_noise([r.seed for r in requests], shape, device, dtype)
+
+
+def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype):
+    """One standard-normal tensor of `shape` per seed, drawn on the CPU, stacked."""
     import torch
 
-    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(r.seed)) for r in requests]
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)) for seed in seeds]
     return torch.stack(noise).to(device=device, dtype=dtype)
 
 
