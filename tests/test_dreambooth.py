@@ -92,14 +92,15 @@ def test_prior_preservation_batch_and_joint_training(tmp_path, pipe, monkeypatch
     pipe.delete_adapters("check")
 
 
-def test_text_encoder_lora_and_no_prior(tmp_path, pipe, monkeypatch):
+def test_text_encoder_lora_no_prior_checkpointing_bf16(tmp_path, pipe, monkeypatch):
     seen = []
     real_loss = training.dreambooth_loss
     monkeypatch.setattr(training, "dreambooth_loss", lambda pred, target, n, w, weights=None:
                         seen.append(pred.shape[0]) or real_loss(pred, target, n, w, weights))
     concept = Concept("sks", "dog", _images(tmp_path, "dog", 1, 0), _images(tmp_path, "cdog", 1, 10))
     path = train_lora(pipe, [concept], TrainSettings(train_steps=1, gradient_accumulation=1, prior_preservation=False,
-                                                      train_text_encoder=True), tmp_path / "lora", 128, "cpu",
+                                                      train_text_encoder=True, gradient_checkpointing=True,
+                                                      mixed_precision="bf16"), tmp_path / "lora", 128, "cpu",
                       progress=False)
     assert seen == [1]  # no class rows
     prefixes = {k.split(".")[0] for k in load_file(path)}

@@ -135,7 +135,7 @@ def train_lora(pipe, concepts: Sequence[Concept], settings: TrainSettings, out_d
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
     from diffusers.training_utils import cast_training_params, compute_snr
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
     from tqdm.auto import tqdm
 
@@ -164,10 +164,10 @@ def train_lora(pipe, concepts: Sequence[Concept], settings: TrainSettings, out_d
     unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian",
                                 target_modules=UNET_TARGETS), adapter_name=ADAPTER)
     trained = [unet]
-    if s.train_text_encoder:
+    if s.train_text_encoder:  # peft directly: transformers' add_adapter wants a newer peft than PyPI has
         for enc in encoders:
-            enc.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian",
-                                       target_modules=TEXT_TARGETS), adapter_name=ADAPTER)
+            inject_adapter_in_model(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian",
+                                               target_modules=TEXT_TARGETS), enc, adapter_name=ADAPTER)
         trained += encoders
     if s.mixed_precision != "no" or unet.dtype != torch.float32:
         cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in fp32
@@ -230,10 +230,21 @@ def train_lora(pipe, concepts: Sequence[Concept], settings: TrainSettings, out_d
         bar.close()
         if s.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
+        with contextlib.suppress(ValueError):
+            unet.delete_adapters(ADAPTER)
+        for enc in trained[1:]:
+            _remove_lora_layers(enc)
         for m in trained:
-            remove = getattr(m, "delete_adapters", None) or m.delete_adapter  # diffusers / transformers
-            with contextlib.suppress(ValueError):
-                remove(ADAPTER)
             m.eval()
             m.requires_grad_(False)
     return out_dir / WEIGHT_NAME
+
+
+def _remove_lora_layers(model: torch.nn.Module) -> None:
+    """Put back the original layers wherever peft injected LoRA wrappers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, module in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
