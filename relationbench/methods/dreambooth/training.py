@@ -132,6 +132,7 @@ def train_lora(pipe, concepts: Sequence[Concept], settings: TrainSettings, out_d
                device: str, progress: bool = True) -> Path:
     """Train one LoRA on `concepts` into out_dir (diffusers format); leaves `pipe` as it was."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
     from diffusers.training_utils import cast_training_params, compute_snr
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -142,6 +143,9 @@ def train_lora(pipe, concepts: Sequence[Concept], settings: TrainSettings, out_d
     s = settings
     unet, vae = pipe.unet, pipe.vae
     encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    # accelerate keeps one global state per process; a new LoRA may ask for another precision,
+    # so start from a fresh one (the process group of a sharded launch, PartialState, is kept)
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation,
                               cpu=device == "cpu")
     gen = torch.Generator("cpu").manual_seed(s.seed)
