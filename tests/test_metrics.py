@@ -138,3 +138,15 @@ def test_embedding_cache_round_trip(tmp_path):
     assert len(EmbeddingCache(path)) == 0  # a damaged cache only costs time
     assert cache_file(tmp_path, "x", "fp32") != cache_file(tmp_path, "x", "bf16")
 
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-L-14"])
+def test_trimmed_text_encoding_equals_open_clip(tiny, arch):
+    """Encoding only up to the end-of-text token gives open_clip's full-length embeddings."""
+    enc = load_clip(tiny, arch)
+    texts = ["", "a dog", "a cat hugging a bear plushie in the snow",
+             "a very long prompt " + " ".join(f"word{i}" for i in range(120))]  # truncated at 77
+    ids = enc.tokenizer(texts)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(enc.model.encode_text(ids), dim=-1).numpy()
+    np.testing.assert_allclose(enc.encode_texts(texts), expected, atol=1e-5)
