@@ -15,9 +15,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-
-SCORES_CSV = "scores.csv"
-RUN_JSON = "run.json"
+from ..runs import RUN_JSON
+from ..runs import SCORES as SCORES_CSV
 
 METRICS = ("clip_t", "clip_r", "clip_i", "dino")
 GROUP = ("protocol", "clip_encoder", "dino_encoder")  # scores are comparable only within one group
