@@ -152,6 +152,7 @@ def run_meta(suite: Suite, card, backbone, dtype_name: str, images_per_case: int
 
     return {
         "suite": {"name": suite.name, "version": suite.version, "file_sha256": sha256_file(Path(suite.path))},
+        "suite_path": str(Path(suite.path).resolve()),  # where the scorer finds it (not part of the identity)
         "method": {"name": card.name, "adapter": card.adapter, "version": card.version,
                    "settings": card.settings, "digest": card.digest()},
         "backbone": backbone.describe(),

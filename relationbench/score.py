@@ -151,8 +151,7 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan
         for r in run.read_scores(SCORE_COLUMNS)
         if (r["protocol"], r["clip_encoder"], r["dino_encoder"]) == (opts.protocol, clip_id, dino_id)
     }
-    suite_name = (meta.get("suite") or {}).get("name")
-    suite = load_suite(suite_name) if suite_name else None
+    suite = _run_suite(meta, run)
     for record in run.records():
         key = (record["case_id"], int(record["index"]))
         if key in done:
@@ -160,14 +159,22 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan
             continue
         path = run.root / record["path"]
         try:
-            case = suite.case(record["case_id"]) if suite else None
+            plan.items.append(Item(plan, suite.case(record["case_id"]), record, path))
         except KeyError:
-            case = None
-        if case is None:
-            failures.append((str(path), f"case {record['case_id']!r} is not in suite {suite_name!r}"))
-            continue
-        plan.items.append(Item(plan, case, record, path))
+            failures.append((str(path), f"case {record['case_id']!r} is not in suite {suite.name!r}"))
     return plan
+
+
+def _run_suite(meta: dict[str, Any], run: RunDir):
+    """The suite a run was made from: its file if still there (suites outside prompts/ too),
+    else the built-in suite of that name."""
+    path = meta.get("suite_path")
+    if path and Path(path).is_file():
+        return load_suite(path)
+    name = (meta.get("suite") or {}).get("name")
+    if not name:
+        raise UserError("run.json names no suite", path=run.run_json, hint="score folders made by `relbench generate`")
+    return load_suite(name)
 
 
 # --------------------------------------------------------------------------- decoding

@@ -225,3 +225,21 @@ def test_generate_then_score_with_a_prompt_prefix(tmp_path, monkeypatch):
     suite = load_suite("relationbench")
     assert len(df) == 2 and all(t == suite.case(c).prompt for t, c in zip(df["text"], df["case_id"]))
     assert (tmp_path / "results" / "leaderboard.tex").exists()
+
+
+def test_runs_of_a_suite_file_outside_prompts(tmp_path, monkeypatch, write_suite):
+    """A run made from a user's suite file is scored from that file."""
+    from .conftest import mini_suite_data
+
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RELBENCH_DATA", str(tmp_path / "data"))
+    suite = write_suite(mini_suite_data())
+    card = tmp_path / "sdxl-fast.yaml"
+    card.write_text("name: sdxl-fast\nadapter: relationbench.methods.sdxl:SDXLMethod\nsettings: {steps: 2}\n")
+    out = tmp_path / "results" / "mini" / "sdxl-fast@tiny"
+    res = CliRunner().invoke(cli, ["generate", "--method", str(card), "--suite", str(suite), "--backbone", "tiny",
+                                   "--quiet", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    score(out)
+    df = read(out)
+    assert sorted(df["case_id"]) == ["t-m-1", "t-s-1"] and set(df["predicate"]) == {"riding", "hugging"}
