@@ -345,7 +345,7 @@ _MS_SEED_OFFSETS = {"image_encoder": 21, "msdiffusion": 22}
 
 
 def _patch_size(arch: str) -> int:
-    match = re.search(r"/?-(\d+)$", arch)
+    match = re.search(r"-(\d+)$", arch)
     if not match:
         raise ValueError(f"cannot read the patch size from the architecture name {arch!r}")
     return int(match.group(1))

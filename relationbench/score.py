@@ -13,6 +13,7 @@ scored. Scores are keyed by (case, sample, protocol, encoders): rescoring is a n
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -110,8 +111,10 @@ def scoring_text(case: Case, record: dict[str, Any]) -> str:
     return " ".join(text.split())
 
 
+@functools.lru_cache(maxsize=None)
 def case_predicate(case: Case) -> str | None:
-    """The case's stored predicate, else the spaCy extraction (None: no relation, no CLIP-R)."""
+    """The case's stored predicate, else the spaCy extraction (None: no relation, no CLIP-R);
+    once per case, not once per image."""
     if case.predicate:
         return case.predicate
     from .suites.predicates import extract_predicate

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from relationbench.backbones import get_backbone
 from relationbench.metrics import PROTOCOLS, clip_score, cosine, mean_pair_cosine

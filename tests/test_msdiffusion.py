@@ -116,8 +116,10 @@ def test_processor_matches_reference(unet_and_adapter, case, grid, per_subject):
     ms = ImageConditioning(tokens, box_t, scales, latent_hw=(h, w))
     with torch.no_grad():
         ours = proc(attn, hidden, text, ms=ms)
+        again = proc(attn, hidden, text, ms=ms)  # a later step: masks and image keys/values reused
         expected = ref.cross_attention(attn, proc, hidden, text, tokens, boxes, token_scale, h, w)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_without_conditioning_the_processor_is_text_attention(unet_and_adapter):

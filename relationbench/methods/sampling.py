@@ -32,6 +32,28 @@ def request_generators(requests: Sequence[Request], device) -> list:
     return [torch.Generator(gen_device).manual_seed(r.seed) for r in requests]
 
 
+def sample_sdxl(pipe, requests: Sequence[Request], prompts: Sequence[str], *, steps: int, guidance_scale: float,
+                negative_prompt: str, height: int, width: int, device, **pipe_kwargs) -> list:
+    """One PIL image per request from an SDXL pipeline: the request's own initial noise and
+    generator, an optional negative prompt, anything else (e.g. cross_attention_kwargs) passed on."""
+    import torch
+
+    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    with torch.inference_mode():
+        return pipe(
+            prompt=list(prompts),
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            latents=initial_latents(requests, shape, device, pipe.unet.dtype),
+            generator=request_generators(requests, device),
+            output_type="pil",
+            **pipe_kwargs,
+        ).images
+
+
 def quiet_sliced(pipe):
     """A pipeline set up for the run loop: no inner progress bar, the VAE decoding one image
     at a time (less memory at 1024 px, and the CPU's GroupNorm rounds differently with the

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 from .base import Context, Request, Sample
-from .sampling import initial_latents, quiet_sliced, request_generators
+from .sampling import quiet_sliced, sample_sdxl
 
 
 @dataclass(frozen=True)
@@ -53,23 +53,10 @@ class SDXLMethod:
         self.pipe  # load once before the progress bar starts
 
     def generate(self, requests: Sequence[Request]) -> list[Sample]:
-        import torch
-
-        s, pipe = self.settings, self.pipe
+        s = self.settings
         height, width = self.size()
         prompts = [s.prompt_prefix + r.case.prompt for r in requests]
-        shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        with torch.inference_mode():
-            images = pipe(
-                prompt=prompts,
-                negative_prompt=[s.negative_prompt] * len(requests) if s.negative_prompt else None,
-                num_inference_steps=s.steps,
-                guidance_scale=s.guidance_scale,
-                height=height,
-                width=width,
-                latents=initial_latents(requests, shape, self.context.device, pipe.unet.dtype),
-                generator=request_generators(requests, self.context.device),
-                output_type="pil",
-            ).images
+        images = sample_sdxl(self.pipe, requests, prompts, steps=s.steps, guidance_scale=s.guidance_scale,
+                             negative_prompt=s.negative_prompt, height=height, width=width, device=self.context.device)
         extra = {"prompt_prefix": s.prompt_prefix} if s.prompt_prefix else {}
         return [Sample(img, {"prompt": p, **extra}) for img, p in zip(images, prompts)]

@@ -25,7 +25,7 @@ from typing import ClassVar, Sequence
 from ...data import reference_images, sha256_file
 from ...errors import UserError
 from ..base import Context, Request, Sample
-from ..sampling import initial_latents, quiet_sliced, request_generators, seeded_noise
+from ..sampling import quiet_sliced, sample_sdxl, seeded_noise
 from .training import WEIGHT_NAME, Concept, TrainSettings, train_lora
 
 LORA_ADAPTER = "dreambooth"
@@ -197,8 +197,6 @@ class DreamBoothMethod:
         self._loaded = folder.name
 
     def generate(self, requests: Sequence[Request]) -> list[Sample]:
-        import torch
-
         s, pipe = self.settings, self.pipe
         size = self.resolution()
         out: list[Sample | None] = [None] * len(requests)
@@ -210,15 +208,8 @@ class DreamBoothMethod:
             reqs = [requests[i] for i in idx]
             idents = [self.identifiers(r.case) for r in reqs]
             prompts = [r.case.personalized_prompt(ids) for r, ids in zip(reqs, idents)]
-            shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-            with torch.inference_mode():
-                images = pipe(
-                    prompt=prompts,
-                    negative_prompt=[s.negative_prompt] * len(reqs) if s.negative_prompt else None,
-                    num_inference_steps=s.sample_steps, guidance_scale=s.guidance_scale, height=size, width=size,
-                    latents=initial_latents(reqs, shape, self.context.device, pipe.unet.dtype),
-                    generator=request_generators(reqs, self.context.device), output_type="pil",
-                ).images
+            images = sample_sdxl(pipe, reqs, prompts, steps=s.sample_steps, guidance_scale=s.guidance_scale,
+                                 negative_prompt=s.negative_prompt, height=size, width=size, device=self.context.device)
             for i, image, prompt, ids in zip(idx, images, prompts, idents):
                 out[i] = Sample(image, {"prompt": prompt, "identifiers": ids, "lora": self._loaded})
         return out  # type: ignore[return-value]

@@ -13,8 +13,8 @@ RelationLoRA, wraps exactly those) and gains to_k_ip/to_v_ip for the image token
 Rows without boxes (classifier-free guidance's unconditional half: zero boxes, zero tokens)
 contribute exactly zero, so the image branch runs only on rows with a box. Masks are built
 once per layer resolution and call, for the whole batch, without Python loops over rows,
-subjects or layers; the image branch is one scaled_dot_product_attention with an additive
-mask. Per-token scales are applied to the values, which equals scaling the probabilities.
+subjects or layers, and the image tokens' keys and values once per layer and call; the
+image branch is one scaled_dot_product_attention with an additive mask. Per-token scales are applied to the values, which equals scaling the probabilities.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class ImageConditioning:
         dummy = torch.ones(len(self.rows), num_dummy, device=scales.device, dtype=scales.dtype)
         self.token_scales = torch.cat([dummy, scales[self.rows].repeat_interleave(queries, dim=1)], dim=1)
         self._masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.auto = phrase_mask is not None and mask_threshold is not None
         if self.auto:
             self.phrase_mask = phrase_mask[self.rows].float()  # type: ignore[index]
@@ -96,6 +97,18 @@ class ImageConditioning:
             h, w = grid_for(cells, self.latent_hw)
             self._masks[key] = self._bias(box_cells(self.boxes, h, w), dtype)
         return self._masks[key]
+
+    def image_kv(self, proc: "MSCrossAttnProcessor", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's keys and scaled values of the image tokens: the same at every denoising
+        step, so computed at its first step only (without autograd; training recomputes)."""
+        key = (id(proc), dtype)
+        if key in self._kv:
+            return self._kv[key]
+        tokens = self.tokens.to(dtype)
+        kv = (proc.to_k_ip(tokens), proc.to_v_ip(tokens) * self.token_scales.to(dtype)[..., None])
+        if not torch.is_grad_enabled():
+            self._kv[key] = kv
+        return kv
 
     def _bias(self, inside: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """inside [R, cells, S] -> (bias, foreground): subject tokens where in the subject's
@@ -166,9 +179,8 @@ class MSCrossAttnProcessor(nn.Module):
             if ms.auto:
                 ms.record(id(self), _text_probs(attn, q, attn.to_k(encoder_hidden_states[ms.rows])))
             bias, foreground = ms.layer_masks(id(self), hidden_states.shape[1], query.dtype)
-            tokens = ms.tokens.to(query.dtype)
-            v = self.to_v_ip(tokens) * ms.token_scales.to(query.dtype)[..., None]
-            image = _attention(attn, q, self.to_k_ip(tokens), v, bias) * foreground
+            k, v = ms.image_kv(self, query.dtype)
+            image = _attention(attn, q, k, v, bias) * foreground
             out = out + image if ms.all_rows else out.index_add(0, ms.rows, image)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

@@ -16,7 +16,7 @@ import torch
 from ...data import reference_images
 from ...errors import UserError
 from ..base import Context, Request, Sample
-from ..sampling import initial_latents, quiet_sliced, request_generators
+from ..sampling import quiet_sliced, sample_sdxl
 from .checkpoint import load_checkpoint, read_checkpoint
 from .model import MSAdapter
 from .resampler import ResamplerConfig
@@ -99,7 +99,8 @@ class MSDiffusionMethod:
         if self._encoder is None:
             from transformers import CLIPImageProcessor
 
-            want = resampler_config(self.context.backbone, self.pipe.unet, self.pipe.text_encoder).embedding_dim
+            self.pipe  # noqa: B018  (builds the adapter, whose config says which encoder fits)
+            want = self.adapter.cfg.embedding_dim
             encoder = self.context.backbone.image_encoder()
             if encoder.config.hidden_size != want:
                 raise UserError(
@@ -212,18 +213,8 @@ class MSDiffusionMethod:
                             for p, r in zip(prompts, requests)]
         ms = self.adapter.conditioning(tokens, boxes, scales, latent_hw, guidance, phrase_masks,
                                        s.mask_threshold, s.start_step)
-        shape = (pipe.unet.config.in_channels, *latent_hw)
-        images = pipe(
-            prompt=prompts,
-            negative_prompt=[s.negative_prompt] * len(requests) if s.negative_prompt else None,
-            num_inference_steps=s.steps,
-            guidance_scale=s.guidance_scale,
-            height=height,
-            width=width,
-            latents=initial_latents(requests, shape, device, dtype),
-            generator=request_generators(requests, device),
-            cross_attention_kwargs={"ms": ms},
-            output_type="pil",
-        ).images
+        images = sample_sdxl(pipe, requests, prompts, steps=s.steps, guidance_scale=s.guidance_scale,
+                             negative_prompt=s.negative_prompt, height=height, width=width, device=device,
+                             cross_attention_kwargs={"ms": ms})
         extra = {"prompt_prefix": s.prompt_prefix} if s.prompt_prefix else {}
         return [Sample(img, {"prompt": p, "references": row, **extra}) for img, p, row in zip(images, prompts, refs)]
