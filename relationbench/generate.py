@@ -14,11 +14,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .data import data_root, require_images, sha256_file
 from .errors import UserError
+from .methods.cards import parse_set
 from .runs import SEED_RULE, RunDir, sample_seed
 from .suites import Case, Suite, load_suite
 
@@ -44,6 +45,7 @@ def cpu_reproducible_env() -> None:
 class GenerateOptions:
     method: str
     suite: str
+    set_values: Sequence[str] = ()  # --set KEY=VALUE: a variant of the card
     backbone: str = "sdxl"
     weights: dict[str, str] = field(default_factory=dict)  # backbone weight overrides
     limit: int | None = None
@@ -93,8 +95,11 @@ def select_cases(suite: Suite, ids: Sequence[str] = (), kind: str | None = None,
 
 
 def default_out(suite: str, method: str, backbone: str) -> Path:
-    """results/<suite>/<card>, with @<backbone> added for anything but the real sdxl."""
-    name = method if backbone == "sdxl" else f"{method}@{backbone}"
+    """results/<suite>/<card>, with @<backbone> added for anything but the real sdxl; a
+    variant's name (`msdiffusion[scale=0.4]`) is its folder name."""
+    name = method.replace(os.sep, "_")
+    if backbone != "sdxl":
+        name = f"{name}@{backbone}"
     return Path("results") / suite / name
 
 
@@ -153,8 +158,7 @@ def run_meta(suite: Suite, card, backbone, dtype_name: str, images_per_case: int
     return {
         "suite": {"name": suite.name, "version": suite.version, "file_sha256": sha256_file(Path(suite.path))},
         "suite_path": str(Path(suite.path).resolve()),  # where the scorer finds it (not part of the identity)
-        "method": {"name": card.name, "adapter": card.adapter, "version": card.version,
-                   "settings": card.settings, "digest": card.digest()},
+        "method": card.describe(backbone.is_tiny),  # resolved settings; a tiny schedule is named
         "backbone": backbone.describe(),
         "dtype": dtype_name,
         "images_per_case": images_per_case,
@@ -179,10 +183,10 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
     suite = load_suite(opts.suite)
     per_case = opts.images_per_case or suite.images_per_case
     cases = select_cases(suite, opts.cases, opts.kind, opts.limit)
-    card = default_registry().card(opts.method)
+    card = default_registry().card(opts.method, parse_set(opts.set_values))
     adapter = card.adapter_class()
     backbone = get_backbone(opts.backbone, opts.weights)
-    backbone.check_available(getattr(adapter, "weights", ("sdxl",)))  # every weight the method loads
+    backbone.check_available(adapter.weights)  # every weight the method loads, in seconds
     root = data_root(opts.data_dir)
     if adapter.needs_references:
         require_images({s.name: s for c in cases for s in c.subjects}.values(), root)
@@ -194,11 +198,17 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
     min_batch = INVARIANT_MIN_BATCH if invariant else 1
     dtype = resolve_dtype(opts.dtype, device)
     method = card.build(Context(backbone=backbone, device=device, dtype=dtype, data_root=root, quiet=opts.quiet))
+    try:
+        method.check(cases)
+        method.load()  # every weight loaded and checked: a bad one stops here, before any write
+    except BaseException:
+        method.close()  # undo what a half-done load changed on the backbone's pipeline
+        raise
     run = RunDir(opts.out or default_out(suite.name, card.name, backbone.name))
 
     # 2. the run folder: one launch writes it; the main process locks, repairs, records
     meta = run_meta(suite, card, backbone, dtype_name(dtype), per_case) if shard.main else None
-    with _main_lock(run, shard, meta):
+    with contextlib.closing(method), _main_lock(run, shard, meta):
         done = run.finished()
         mine = shard.take(cases)
         work = [
@@ -209,7 +219,7 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
         ]
         skipped = len(mine) * per_case - len(work)
 
-        # 3. sample, batch by batch; each finished batch is on disk and in the manifest
+        # 3. sample, group by group, batch by batch; each finished batch is on disk and in the manifest
         start = time.perf_counter()
         if work:
             method.prepare(list(dict.fromkeys(r.case for r in work)))
@@ -218,8 +228,7 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
         # a 1024 px PNG takes ~0.2 s to encode: a batch's images are encoded in parallel
         # (Pillow releases the GIL), all before the batch's manifest lines are written
         with bar, ThreadPoolExecutor(max_workers=min(4, opts.batch_size)) as writers:
-            for i in range(0, len(work), opts.batch_size):
-                batch = work[i : i + opts.batch_size]
+            for batch in group_batches(work, method.group, opts.batch_size):
                 t0 = time.perf_counter()
                 samples = _generate_padded(method, batch, min_batch)
                 if len(samples) != len(batch):
@@ -236,6 +245,17 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
                 bar.update(len(batch))
         shard.barrier()
     return GenerateSummary(run.root, len(work), skipped, time.perf_counter() - start)
+
+
+def group_batches(work: Sequence, group, batch_size: int) -> list[list]:
+    """Requests ordered by group (groups in order of first appearance, requests in their
+    order within a group) and cut into batches that never span two groups, so a method sets
+    each group up (e.g. switches to its LoRA) once per run. Seeds belong to requests, so the
+    order changes no image."""
+    by_group: dict[Any, list] = {}
+    for request in work:
+        by_group.setdefault(group(request.case), []).append(request)
+    return [members[i : i + batch_size] for members in by_group.values() for i in range(0, len(members), batch_size)]
 
 
 def _generate_padded(method, batch: list, min_batch: int) -> list:

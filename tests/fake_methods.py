@@ -9,7 +9,7 @@ from typing import ClassVar
 from PIL import Image
 
 from relationbench.data import reference_images
-from relationbench.methods import Sample
+from relationbench.methods import MethodBase, Sample
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class Settings:
     size: int = 64
 
 
-class PasteReferences:
+class PasteReferences(MethodBase):
     Settings = Settings
     needs_references: ClassVar[bool] = True
 

@@ -55,6 +55,8 @@ class Method(Protocol):
     """The adapter interface, and the lifecycle the run loop drives (DESIGN "Method lifecycle"):
 
         __init__(settings, context)  cheap: no weights loaded, nothing written
+        check(cases)                 refuse cases the method cannot serve (e.g. a reference
+                                     index past a subject's images), with a UserError
         load()                       every weight the method needs, checked and loaded; runs
                                      among generate's input checks, before the run folder is
                                      written, so a bad weight leaves nothing behind (UserError)
@@ -77,6 +79,8 @@ class Method(Protocol):
     weights: ClassVar[tuple[str, ...]]
     needs_references: ClassVar[bool]
 
+    def check(self, cases: Sequence["Case"]) -> None: ...
+
     def load(self) -> None: ...
 
     def prepare(self, cases: Sequence["Case"]) -> None: ...
@@ -94,6 +98,9 @@ class MethodBase:
 
     weights: ClassVar[tuple[str, ...]] = ("sdxl",)
     needs_references: ClassVar[bool] = False
+
+    def check(self, cases: Sequence["Case"]) -> None:
+        pass
 
     def load(self) -> None:
         pass

@@ -7,6 +7,20 @@ A method card (methods/<name>.yaml) names the adapter class and its settings:
     version: 1
     description: ...
     settings: {steps: 30, guidance_scale: 5.0}
+    tiny: {train_steps: 2}     # optional: a smoke schedule applied on the tiny backbone
+
+A variant changes a few settings of another card, either in a card file
+
+    base: msdiffusion
+    settings: {scale: 0.4}
+
+or on the command line (`--set scale=0.4`). Its name records the change
+(`msdiffusion[scale=0.4]`), so it gets its own run folder and run identity.
+
+Settings resolve in layers, each recorded as the source of the values it sets: the adapter's
+Settings defaults, the root card, the tiny schedule (on the tiny backbone only), then every
+variant layer (base-card children, then --set). A variant's explicit value therefore beats
+the tiny schedule: "tiny means seconds unless settings say otherwise".
 
 Third-party methods register through the entry point group `relationbench.methods`; the
 entry point loads either a card path or an adapter class with a `card_path` attribute.
@@ -19,9 +33,11 @@ import difflib
 import hashlib
 import importlib
 import json
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -29,24 +45,63 @@ from ..errors import UserError
 from .base import Context, Method
 
 ENTRY_POINT_GROUP = "relationbench.methods"
+CARD_KEYS = {"name", "base", "adapter", "settings", "tiny", "version", "description", "paper"}
+DEFAULT_SOURCE = "default"
+TINY_SOURCE = "tiny schedule"
+SET_SOURCE = "--set"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Settings from one place (a card file, the tiny schedule, --set), applied in order."""
+
+    source: str
+    values: Mapping[str, Any]
+    variant: bool  # a user's change: applied after the tiny schedule
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A card's settings for one backbone: every field's value and where it came from."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+
+    @property
+    def tiny_applied(self) -> dict[str, Any]:
+        return {k: v for k, v in self.values.items() if self.sources[k] == TINY_SOURCE}
 
 
 @dataclass(frozen=True)
 class MethodCard:
-    """A parsed method card: adapter import path and its settings, with where it came from."""
+    """A parsed method card (or a variant of one): adapter import path and settings layers."""
 
     name: str
     adapter: str
-    settings: dict[str, Any]
+    layers: tuple[Layer, ...] = ()
+    tiny: Mapping[str, Any] = field(default_factory=dict)
     version: int = 1
     description: str = ""
     paper: str | None = None
     path: str | None = None
+    base: str | None = None  # the name of the card this one varies
 
-    def digest(self) -> str:
-        """Stable hash of what changes images: adapter, version and settings."""
-        blob = json.dumps({"adapter": self.adapter, "version": self.version, "settings": self.settings}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every value the card files and --set give (no defaults, no tiny schedule)."""
+        out: dict[str, Any] = {}
+        for layer in self.layers:
+            out.update(layer.values)
+        return out
+
+    @property
+    def changes(self) -> dict[str, Any]:
+        """What this variant changes relative to its root card."""
+        out: dict[str, Any] = {}
+        for layer in self.layers:
+            if layer.variant:
+                out.update(layer.values)
+        return out
 
     def adapter_class(self) -> type:
         module_name, _, attr = self.adapter.partition(":")
@@ -59,26 +114,193 @@ class MethodCard:
                 hint="adapter must be 'package.module:ClassName' of an installed package",
             ) from None
 
+    def settings_class(self) -> type:
+        cls = self.adapter_class()
+        settings_cls = getattr(cls, "Settings", None)
+        if settings_cls is None or not dataclasses.is_dataclass(settings_cls):
+            raise UserError(f"adapter {self.adapter} has no Settings dataclass", path=self.path)
+        return settings_cls
+
+    def with_settings(self, values: Mapping[str, Any], source: str = SET_SOURCE) -> "MethodCard":
+        """A variant of this card with `values` changed; its name records the change."""
+        if not values:
+            return self
+        self.check_keys(values, source)
+        hints = typing.get_type_hints(self.settings_class())
+        values = {k: coerce(k, v, hints.get(k, Any), self, source) for k, v in values.items()}
+        return dataclasses.replace(self, name=variant_name(self.name, values),
+                                   layers=self.layers + (Layer(source, values, True),),
+                                   base=self.base or self.name)
+
+    def check_keys(self, values: Mapping[str, Any], source: str) -> None:
+        """Refuse unknown setting names, with the close matches and the full list."""
+        known = [f.name for f in dataclasses.fields(self.settings_class())]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            close = sorted({m for u in unknown for m in difflib.get_close_matches(u, known, n=2)})
+            guess = f"did you mean {' or '.join(close)}? " if close else ""
+            raise UserError(
+                f"method {self.name!r}: unknown setting(s) {', '.join(unknown)} ({source})",
+                path=self.path,
+                hint=f"{guess}settings of {self.adapter} are: {', '.join(sorted(known))}",
+            )
+
+    def resolve(self, tiny: bool = False) -> Resolved:
+        """Every setting's value on a backbone (tiny or not), with its source, type-checked."""
+        settings_cls = self.settings_class()
+        hints = typing.get_type_hints(settings_cls)
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for f in dataclasses.fields(settings_cls):
+            if f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                values[f.name] = f.default_factory()  # type: ignore[misc]
+            sources[f.name] = DEFAULT_SOURCE
+        tiny_layer = [Layer(TINY_SOURCE, self.tiny, False)] if tiny and self.tiny else []
+        ordered = [lay for lay in self.layers if not lay.variant] + tiny_layer + [lay for lay in self.layers if lay.variant]
+        for layer in ordered:
+            self.check_keys(layer.values, layer.source)
+            for key, value in layer.values.items():
+                values[key] = coerce(key, value, hints.get(key, Any), self, layer.source)
+                sources[key] = layer.source
+        missing = [k for k in sources if k not in values]
+        if missing:
+            raise UserError(f"method {self.name!r}: setting(s) {', '.join(missing)} have no default; set them",
+                            path=self.path)
+        return Resolved(values, sources)
+
+    def digest(self, tiny: bool = False) -> str:
+        """Stable hash of what changes images: adapter, version and the resolved settings."""
+        resolved = self.resolve(tiny).values
+        blob = json.dumps({"adapter": self.adapter, "version": self.version, "settings": resolved},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def describe(self, tiny: bool = False) -> dict[str, Any]:
+        """What run.json records about the method."""
+        resolved = self.resolve(tiny)
+        info = {"name": self.name, "adapter": self.adapter, "version": self.version,
+                "settings": resolved.values, "digest": self.digest(tiny)}
+        if self.base:
+            info["base"] = self.base
+            info["changes"] = self.changes
+        if resolved.tiny_applied:
+            info["tiny_schedule"] = resolved.tiny_applied
+        return json.loads(json.dumps(info, default=list))  # tuples as lists, as JSON reads back
+
     def build(self, context: Context) -> Method:
         cls = self.adapter_class()
-        settings = parse_settings(getattr(cls, "Settings"), self.settings, self)
+        values = self.resolve(bool(context and context.backbone.is_tiny)).values
+        try:
+            settings = self.settings_class()(**values)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"method {self.name!r}: {exc}", path=self.path) from None
         return cls(settings, context)
 
 
-def parse_settings(settings_cls: type, values: dict[str, Any], card: MethodCard):
-    """Fill the adapter's Settings dataclass from the card, rejecting unknown keys."""
-    known = {f.name for f in dataclasses.fields(settings_cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
+def variant_name(name: str, values: Mapping[str, Any]) -> str:
+    """`msdiffusion` + {scale: 0.4} -> `msdiffusion[scale=0.4]`; a variant of a variant merges
+    into one bracket, later values replacing earlier ones."""
+    base, _, inner = name.partition("[")
+    pairs: dict[str, str] = {}
+    for part in inner.rstrip("]").split(",") if inner else ():
+        key, _, value = part.partition("=")
+        pairs[key] = value
+    pairs.update({k: format_value(v) for k, v in values.items()})
+    return f"{base}[{','.join(f'{k}={v}' for k, v in sorted(pairs.items()))}]"
+
+
+def format_value(value: Any) -> str:
+    """A compact, path-safe rendering of a setting value for variant names."""
+    if isinstance(value, bool) or value is None:
+        text = json.dumps(value)
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ";".join(format_value(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return text.replace("/", "_").replace(",", ";")
+
+
+def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` strings -> values read as YAML (0.4, null, [0.6, 0.4], true, text)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set {pair!r} must look like KEY=VALUE", hint="e.g. --set scale=0.4")
+        out[key] = RawValue(raw)
+    return out
+
+
+class RawValue(str):
+    """A --set value as typed: kept as text for str settings, read as YAML for the rest."""
+
+
+def coerce(key: str, value: Any, hint: Any, card: MethodCard, source: str) -> Any:
+    """`value` checked against the Settings field's type hint (and converted where lossless:
+    int -> float, list -> tuple); a mismatch is a UserError naming the setting and source."""
+    ok, out = _coerce(value, hint)
+    if not ok:
         raise UserError(
-            f"method card {card.name!r}: unknown setting(s) {', '.join(unknown)}",
+            f"method {card.name!r}: setting {key} must be {_hint_name(hint)}, got {value!r} ({source})",
             path=card.path,
-            hint=f"settings of {card.adapter} are: {', '.join(sorted(known))}",
         )
+    return out
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True, _read_yaml(value) if isinstance(value, RawValue) else value
+    if origin in (typing.Union, types.UnionType):
+        if isinstance(value, RawValue) and type(None) in args and value.strip() in ("null", "~", ""):
+            return True, None
+        for arg in sorted(args, key=lambda a: a is str):  # str last: "0.4" is a float first
+            ok, out = _coerce(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    if hint is type(None):
+        return value is None, None
+    if isinstance(value, RawValue):
+        if hint is str:
+            return True, str(value)
+        value = _read_yaml(value)
+        if isinstance(value, str):
+            return False, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        item = args[0] if args else Any
+        items = [_coerce(v, item) for v in value]
+        if not all(ok for ok, _ in items):
+            return False, value
+        return True, (tuple if (origin or hint) is tuple else list)(v for _, v in items)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _read_yaml(text: str) -> Any:
     try:
-        return settings_cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"method card {card.name!r}: {exc}", path=card.path) from None
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return str(text)
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def cards_dir() -> Path:
@@ -86,26 +308,50 @@ def cards_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "methods"
 
 
-def load_card(path: Path) -> MethodCard:
+def load_card(path: Path, registry: "Registry | None" = None) -> MethodCard:
+    """A card file; one with `base:` is a variant of the named card (or of a card file
+    relative to this one)."""
+    path = Path(path)
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"cannot read method card: {exc}", path=path) from None
     if not isinstance(data, dict):
-        raise UserError("a method card is a mapping with name, adapter, settings", path=path)
+        raise UserError("a method card is a mapping with name, adapter (or base), settings", path=path)
+    extra = sorted(set(data) - CARD_KEYS)
+    if extra:
+        raise UserError(f"method card has unknown key(s) {', '.join(extra)}", path=path,
+                        hint=f"a card has: {', '.join(sorted(CARD_KEYS))}")
+    for key in ("settings", "tiny"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise UserError(f"'{key}' must be a mapping", path=path)
+    settings = data.get("settings") or {}
+    if "base" in data:
+        if "adapter" in data:
+            raise UserError("a variant card names its base, not an adapter", path=path,
+                            hint="drop 'adapter' (it comes from the base card)")
+        base_ref = str(data["base"])
+        rel = path.parent / base_ref
+        parent = load_card(rel, registry) if rel.suffix in (".yaml", ".yml") and rel.is_file() else \
+            (registry or default_registry()).card(base_ref)
+        card = dataclasses.replace(
+            parent.with_settings(settings, source=f"card {path.name}"),
+            tiny={**parent.tiny, **(data.get("tiny") or {})},
+            base=parent.base or parent.name,
+            path=str(path),
+            description=str(data.get("description", parent.description)).strip(),
+        )
+        name = str(data["name"]) if "name" in data else card.name
+        return dataclasses.replace(card, name=name)
     missing = [k for k in ("name", "adapter") if k not in data]
     if missing:
-        raise UserError(f"method card lacks {', '.join(missing)}", path=path)
-    extra = sorted(set(data) - {"name", "adapter", "settings", "version", "description", "paper"})
-    if extra:
-        raise UserError(f"method card has unknown key(s) {', '.join(extra)}", path=path)
-    settings = data.get("settings") or {}
-    if not isinstance(settings, dict):
-        raise UserError("'settings' must be a mapping", path=path)
+        raise UserError(f"method card lacks {', '.join(missing)}", path=path,
+                        hint="a card names its adapter, or a `base:` card to vary")
     return MethodCard(
         name=str(data["name"]),
         adapter=str(data["adapter"]),
-        settings=settings,
+        layers=(Layer(f"card {path.name}", settings, False),) if settings else (),
+        tiny=dict(data.get("tiny") or {}),
         version=int(data.get("version", 1)),
         description=str(data.get("description", "")).strip(),
         paper=data.get("paper"),
@@ -150,22 +396,23 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._scan())
 
-    def card(self, name_or_path: str) -> MethodCard:
-        """A card by registered name, or by path to a YAML file."""
+    def card(self, name_or_path: str, overrides: Mapping[str, Any] | None = None) -> MethodCard:
+        """A card by registered name, or by path to a YAML file; `overrides` (--set) make a variant."""
         p = Path(name_or_path)
         if p.suffix in (".yaml", ".yml") and p.exists():
-            return load_card(p)
-        paths = self._scan()
-        if name_or_path not in paths:
-            close = difflib.get_close_matches(name_or_path, list(paths), n=3)
-            hint = f"did you mean {' or '.join(close)}?" if close else "pass a card name or a card file path"
-            raise UserError(
-                f"unknown method {name_or_path!r} (known: {', '.join(sorted(paths)) or 'none'})", hint=hint
-            )
-        card = load_card(paths[name_or_path])
-        if card.name != name_or_path:
-            raise UserError(f"card is registered as {name_or_path!r} but is named {card.name!r}", path=card.path)
-        return card
+            card = load_card(p, self)
+        else:
+            paths = self._scan()
+            if name_or_path not in paths:
+                close = difflib.get_close_matches(name_or_path, list(paths), n=3)
+                hint = f"did you mean {' or '.join(close)}?" if close else "pass a card name or a card file path"
+                raise UserError(
+                    f"unknown method {name_or_path!r} (known: {', '.join(sorted(paths)) or 'none'})", hint=hint
+                )
+            card = load_card(paths[name_or_path], self)
+            if card.name != name_or_path:
+                raise UserError(f"card is registered as {name_or_path!r} but is named {card.name!r}", path=card.path)
+        return card.with_settings(overrides or {})
 
 
 def default_registry() -> Registry:

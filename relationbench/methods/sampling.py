@@ -1,10 +1,41 @@
-"""Pieces every diffusion adapter shares: per-request initial noise and the PIL output."""
+"""Pieces every diffusion adapter shares: the backbone's pipeline, per-request initial noise
+and the PIL output."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
-from .base import Request
+from .base import Context, MethodBase, Request
+
+
+class PipelineMethod(MethodBase):
+    """A method that samples with the backbone's SDXL pipeline.
+
+    load() builds the pipeline (the backbone caches it per device and dtype, so methods of
+    one process share it: whatever a method changes on it, close() must undo). `pipe` loads
+    on first use too, for code that drives a method without the run loop.
+    """
+
+    def __init__(self, settings: Any, context: Context):
+        self.settings = settings
+        self.context = context
+        self._pipe = None
+
+    def load(self) -> None:
+        if self._pipe is None:
+            ctx = self.context
+            self._pipe = quiet_sliced(ctx.backbone.sdxl_pipeline(device=ctx.device, dtype=ctx.dtype))
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            self.load()
+        return self._pipe
+
+    def size(self) -> tuple[int, int]:
+        """(height, width) in pixels: the settings' or, where unset, the backbone's."""
+        res = self.context.backbone.resolution
+        return (getattr(self.settings, "height", None) or res, getattr(self.settings, "width", None) or res)
 
 
 def initial_latents(requests: Sequence[Request], shape: tuple[int, ...], device, dtype):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from .base import Context, Request, Sample
-from .sampling import quiet_sliced, sample_sdxl
+from .base import Request, Sample
+from .sampling import PipelineMethod, sample_sdxl
 
 
 @dataclass(frozen=True)
@@ -26,31 +26,13 @@ class SDXLSettings:
                 raise ValueError(f"height and width must be multiples of 8, got {side}")
 
 
-class SDXLMethod:
-    """SDXL with the case prompt only; subject images are not used."""
+class SDXLMethod(PipelineMethod):
+    """SDXL with the case prompt only; subject images are not used. It changes nothing on
+    the shared pipeline, so close() has nothing to undo."""
 
     Settings = SDXLSettings
+    weights: ClassVar[tuple[str, ...]] = ("sdxl",)
     needs_references: ClassVar[bool] = False
-
-    def __init__(self, settings: SDXLSettings, context: Context):
-        self.settings = settings
-        self.context = context
-        self._pipe = None
-
-    @property
-    def pipe(self):
-        if self._pipe is None:
-            self._pipe = quiet_sliced(
-                self.context.backbone.sdxl_pipeline(device=self.context.device, dtype=self.context.dtype)
-            )
-        return self._pipe
-
-    def size(self) -> tuple[int, int]:
-        res = self.context.backbone.resolution
-        return (self.settings.height or res, self.settings.width or res)
-
-    def prepare(self, cases) -> None:
-        self.pipe  # load once before the progress bar starts
 
     def generate(self, requests: Sequence[Request]) -> list[Sample]:
         s = self.settings
