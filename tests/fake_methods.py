@@ -10,6 +10,7 @@ from PIL import Image
 
 from relationbench.data import reference_images
 from relationbench.methods import MethodBase, Sample
+from relationbench.methods.sdxl import SDXLMethod
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,27 @@ class PasteReferences(MethodBase):
                 canvas.paste(Image.open(ref).convert("RGB").resize((w, h)), (int(x0 * n), int(y0 * n)))
             out.append(Sample(canvas, {"prompt": r.case.prompt, "references": refs}))
         return out
+
+
+GROUP_SETUPS: list[str] = []  # every group GroupedSDXL set up, in order (tests reset it)
+
+
+class GroupedSDXL(SDXLMethod):
+    """Plain SDXL whose cases are grouped by kind; it logs each group set-up (a switch of
+    group between calls) and refuses a batch that mixes groups."""
+
+    def __init__(self, settings, context):
+        super().__init__(settings, context)
+        self.current = None
+
+    def group(self, case):
+        return case.kind
+
+    def generate(self, requests):
+        kinds = {r.case.kind for r in requests}
+        if len(kinds) != 1:
+            raise AssertionError(f"a batch mixes groups: {kinds}")
+        if self.current not in kinds:
+            self.current = kinds.pop()
+            GROUP_SETUPS.append(self.current)
+        return super().generate(requests)

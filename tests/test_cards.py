@@ -133,3 +133,13 @@ def test_variant_runs_in_its_own_folder(tmp_path, monkeypatch):
     # forcing both into one folder is refused as a different run
     res = CliRunner().invoke(cli, [*args, "--set", "steps=1", "--out", str(run)])
     assert res.exit_code == 2 and "differs in: method" in res.output
+
+
+SHARED_NAMES = {"steps", "guidance_scale", "negative_prompt", "prompt_prefix", "height", "width"}
+
+
+@pytest.mark.parametrize("name", default_registry().names())
+def test_every_card_uses_the_shared_setting_names(name):
+    """One name per concept across methods, so `--set steps=20` means the same everywhere."""
+    fields = set(default_registry().card(name).settings_class().__dataclass_fields__)
+    assert SHARED_NAMES <= fields, sorted(SHARED_NAMES - fields)

@@ -50,7 +50,10 @@ def test_run_layout_and_resume(tmp_path, fast_card):
     assert "6 generated, 0 already done" in res.output
     meta = json.loads((out / "run.json").read_text())
     assert meta["suite"]["name"] == "relationbench" and meta["backbone"]["name"] == "tiny"
-    assert meta["method"]["settings"] == {"steps": 4} and meta["images_per_case"] == 2
+    # every setting as resolved (card value over the Settings default), not just the card's own
+    assert meta["method"]["settings"] == {"steps": 4, "guidance_scale": 5.0, "negative_prompt": "", "prompt_prefix": "",
+                                          "height": None, "width": None}
+    assert meta["images_per_case"] == 2
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     suite = load_suite("relationbench")
     assert sorted((r["case_id"], r["index"]) for r in lines) == sorted(

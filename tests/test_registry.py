@@ -42,10 +42,14 @@ def test_card_errors(tmp_path):
 
 def test_digest_changes_with_settings(tmp_path):
     a = tmp_path / "a.yaml"
-    a.write_text("name: a\nadapter: x:Y\nsettings: {steps: 3}\n")
+    a.write_text("name: a\nadapter: relationbench.methods.sdxl:SDXLMethod\nsettings: {steps: 3}\n")
     b = tmp_path / "b.yaml"
-    b.write_text("name: a\nadapter: x:Y\nsettings: {steps: 4}\n")
+    b.write_text("name: a\nadapter: relationbench.methods.sdxl:SDXLMethod\nsettings: {steps: 4}\n")
     assert load_card(a).digest() != load_card(b).digest()
+    # a value equal to the default changes nothing: the digest is of the resolved settings
+    c = tmp_path / "c.yaml"
+    c.write_text("name: a\nadapter: relationbench.methods.sdxl:SDXLMethod\nsettings: {steps: 3, guidance_scale: 5.0}\n")
+    assert load_card(a).digest() == load_card(c).digest()
 
 
 def test_entry_point_method(tmp_path, monkeypatch):
