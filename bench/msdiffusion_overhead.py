@@ -8,7 +8,11 @@ and time ids; denoising only: no text encoders, no VAE decode) three ways per ba
   ours    `MSAdapter(unet, ResamplerConfig())` installed (MSCrossAttnProcessor on every attn2,
           SelfAttnProcessor on every attn1), the conditioning passed as
           cross_attention_kwargs={"ms": cond} for 2 subjects per row with overlapping boxes;
-  stock   again, after removing the adapter's processors (brackets drift over the run).
+  stock   again, after removing the adapter's processors (brackets drift over the run);
+  fused + compiled (with --compile BACKEND; default on cuda: inductor): after all the above,
+          `adapter.fuse_projections(unet)` and `unet.compile(backend=BACKEND, fullgraph=True)`,
+          compiled in a one-step warm-up per batch size (its time reported), then timed against
+          that batch size's median stock loop (no bracketing: the UNet stays fused).
 
 Each configuration (batch, stock/ours) is warmed up with a one-step loop first; then, per batch
 size, stock, ours, stock, ours, ..., stock: the overhead is the median over the ours loops of
@@ -21,6 +25,7 @@ serves all three (no second 10 GB copy); the adapter is built when first needed.
 
     python bench/msdiffusion_overhead.py                       # CPU: 128 px, 2 steps, fp32, 3 repeats
     python bench/msdiffusion_overhead.py --device cuda --dtype bf16 --size 1024 --steps 30
+    python bench/msdiffusion_overhead.py --size 64 --steps 2 --batches 1 --compile eager   # CPU smoke
 """
 
 from __future__ import annotations
@@ -89,12 +94,16 @@ def main() -> None:
                              "(before, between, after) (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on cpu (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="add a fused + compiled row with this torch.compile backend (default: inductor "
+                             "on cuda, none on cpu, where inductor takes minutes on a full-size UNet); 'none': no row")
     args = parser.parse_args()
     cpu = args.device == "cpu"
     size = args.size or (128 if cpu else 1024)
     steps = args.steps or (2 if cpu else 30)
     dtype_name = args.dtype or ("fp32" if cpu else "bf16")
     repeats = args.repeats or 3
+    backend = args.compile or ("none" if cpu else "inductor")
     if size % 8:
         parser.error("--size must be a multiple of 8")
     if repeats < 1:
@@ -110,7 +119,7 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
     from tabulate import tabulate
 
-    from relationbench.backbones import SDXL_SCHEDULER_CONFIG
+    from relationbench.backbones.tiny import SDXL_SCHEDULER_CONFIG
     from relationbench.methods.msdiffusion.model import MSAdapter
     from relationbench.methods.msdiffusion.resampler import ResamplerConfig
 
@@ -211,6 +220,7 @@ def main() -> None:
         return out, dt, peak
 
     rows, notes = [], []
+    stock_medians: dict[int, float] = {}
     finite = True
     with torch.inference_mode():
         for b in args.batches:
@@ -258,8 +268,26 @@ def main() -> None:
             if is_cuda:
                 row += [f"{max(stock_peak):.1f}", f"{max(ours_peak):.1f}"]
             rows.append(row)
+            stock_medians[b] = statistics.median(stock_t)
             notes.append(f"batch {b}: stock loops (s/img) " + ", ".join(f"{t / b:.3f}" for t in stock_t)
                          + "; ours " + ", ".join(f"{t / b:.3f}" for t in ours_t))
+
+        if backend != "none":  # last: fusion and compilation stay on the UNet
+            install_ours()
+            adapter.fuse_projections(unet)
+            unet.compile(backend=backend, fullgraph=True)
+            for b in args.batches:
+                prompt, pooled, time_ids, noise, image_embeds, phrase_embeds, boxes = inputs(b)
+                loop = (prompt, pooled, time_ids, noise)
+                tokens = subject_tokens(b, image_embeds, phrase_embeds, boxes)
+                _, compile_s, _ = timed(sample, b, 1, *loop, ms_inputs=(tokens, boxes))  # compiles
+                fc_t = [timed(sample, b, steps, *loop, ms_inputs=(tokens, boxes))[1] for _ in range(repeats)]
+                fc = statistics.median(fc_t)
+                rows.append([f"{b} fused + compiled ({backend})", f"{stock_medians[b] / b:.3f}", "", f"{fc / b:.3f}",
+                             f"{100 * (fc / stock_medians[b] - 1):+.1f} % vs stock median", "", ""]
+                            + (["", ""] if is_cuda else []))
+                notes.append(f"batch {b}: fused + compiled ({backend}): compile + first step {compile_s:.1f} s; "
+                             "loops (s/img) " + ", ".join(f"{t / b:.3f}" for t in fc_t))
 
     wall = time.perf_counter() - t_start
     busy_end = busy_seconds()

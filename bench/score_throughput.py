@@ -2,10 +2,11 @@
 
 Full-size metric encoders with random weights (speed does not depend on weight values):
 CLIP ViT-B-32 (open_clip, QuickGELU) and DINO ViT-S/16 (transformers ViTModel, no pooler).
-They replace the tiny backbone's toy encoders by patching `Backbone.clip_model` and
-`Backbone.dino_model` in this process, so `score(ScoreOptions(backbone="tiny"))` runs its real
+They replace the tiny backbone's toy encoders by patching the model loaders the metric
+encoders call (`metrics.encoders.load_clip_model` / `load_dino_model`) in this process, so `score(ScoreOptions(backbone="tiny"))` runs its real
 code path unchanged: run discovery, DataLoader decoding workers, preprocessing, batched
-encoding, text embeddings, scores.csv, embedding caches and the leaderboard.
+encoding, text embeddings, scores.csv, embedding caches, then (as `relbench score` does)
+the leaderboard.
 
 Measured on the same machine, device, dtype and batch size:
   raw      random preprocessed tensors already on the device, CLIP image + DINO per batch
@@ -68,21 +69,21 @@ def full_size_encoders():
 
 def use_full_size_encoders(clip, dino) -> None:
     """Make the tiny backbone hand out the full-size models (built once, like weights loaded once)."""
-    from relationbench.backbones import Backbone
+    from relationbench.metrics import encoders
 
-    tiny_clip, tiny_dino = Backbone.clip_model, Backbone.dino_model
+    load_clip_model, load_dino_model = encoders.load_clip_model, encoders.load_dino_model
 
-    def clip_model(self, arch: str = CLIP_ARCH):
-        if not self.is_tiny:
-            return tiny_clip(self, arch)
+    def clip_model(backbone, arch: str = CLIP_ARCH):
+        if not backbone.is_tiny:
+            return load_clip_model(backbone, arch)
         if arch != CLIP_ARCH:
             raise ValueError(f"this benchmark builds only {CLIP_ARCH}")
         return clip
 
-    def dino_model(self):
-        return dino if self.is_tiny else tiny_dino(self)
+    def dino_model(backbone):
+        return dino if backbone.is_tiny else load_dino_model(backbone)
 
-    Backbone.clip_model, Backbone.dino_model = clip_model, dino_model
+    encoders.load_clip_model, encoders.load_dino_model = clip_model, dino_model
 
 
 # --------------------------------------------------------------------------- probes
@@ -225,12 +226,13 @@ def prefill_reference_cache(files: list[Path], dtype) -> None:
     from relationbench.backbones import get_backbone
     from relationbench.devices import dtype_name
     from relationbench.metrics.cache import EmbeddingCache, cache_file, default_cache_dir
+    from relationbench.metrics.models import clip_id, dino_id
 
     name = dtype_name(dtype)
     suffix = "" if name == "fp32" else f"@{name}"  # what score._load_encoders appends to the ids
     tiny = get_backbone("tiny")
     rng = np.random.default_rng(0)
-    for encoder_id, dim in ((tiny.clip_id(CLIP_ARCH) + suffix, 512), (tiny.dino_id() + suffix, 384)):
+    for encoder_id, dim in ((clip_id(tiny, CLIP_ARCH) + suffix, 512), (dino_id(tiny) + suffix, 384)):
         cache = EmbeddingCache(cache_file(default_cache_dir(), encoder_id, name))
         for f in files:
             e = rng.standard_normal(dim).astype(np.float32)
@@ -362,6 +364,7 @@ def main() -> None:
     import torch
 
     from relationbench.devices import resolve_device, resolve_dtype
+    from relationbench.report.leaderboard import build_leaderboard
     from relationbench.score import ScoreOptions, default_workers, score, scoring_text
 
     t_start = time.perf_counter()
@@ -415,21 +418,27 @@ def main() -> None:
 
         def opts(path: Path, workers: int) -> ScoreOptions:
             return ScoreOptions(paths=[path], backbone="tiny", device=device, dtype=args.dtype,
-                                batch_size=args.batch_size, workers=workers, quiet=True, bootstrap=100,
-                                leaderboard_dir=board)
+                                batch_size=args.batch_size, workers=workers, quiet=True)
 
-        score(opts(warm_run, 0))
+        def score_command(path: Path, workers: int):
+            """What `relbench score` runs: the scorer, then the leaderboard (timed together)."""
+            start = time.perf_counter()
+            summary = score(opts(path, workers))
+            build_leaderboard(summary.runs, board, n_boot=100)
+            return summary, time.perf_counter() - start
+
+        score_command(warm_run, 0)
         results = {}
         for w in worker_counts:
             fresh(run, board)
             probes.reset()
-            summary = score(opts(run, w))
+            summary, seconds = score_command(run, w)
             if summary.scored != args.images or summary.failures or summary.missing_references:
                 raise SystemExit(f"scored {summary.scored} of {args.images}; failures {summary.failures[:3]}; "
                                  f"missing references {summary.missing_references[:3]}")
             parts = probes.loop()
-            results[w] = {"e2e": summary.seconds, "refs": probes.seconds["refs"], **parts}
-            print(f"workers {w}: end to end {summary.seconds:.2f} s, image loop {parts['loop']:.2f} s; "
+            results[w] = {"e2e": seconds, "refs": probes.seconds["refs"], **parts}
+            print(f"workers {w}: end to end {seconds:.2f} s, image loop {parts['loop']:.2f} s; "
                   + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if k != "loop"), flush=True)
         texts_per_image = len(set(texts) | {c.predicate for c, _ in items if c.predicate}) / args.images
 

@@ -12,6 +12,8 @@ insert their own identifier before the class noun). Nothing else is added or cha
 Each case: id `db-<subject>-<NN>` (NN: template index 00-24), one central box
 [0.1, 0.1, 0.9, 0.9] (DreamBench has no layout; a large centred box lets layout-conditioned
 methods run without favouring a position), a seed derived from the id (stable_seed).
+No predicates: the prompts have no relations, and the file says so (`predicates: none`), so the
+scorer leaves CLIP-R empty instead of extracting verbs such as "wearing".
 The output is deterministic: re-running it gives the same bytes.
 """
 
@@ -108,6 +110,7 @@ def build_suite(classes: dict[str, str], templates: dict[str, list[str]]) -> dic
             " (object or live) = 750 single-subject cases, exactly as dataset/prompts_and_classes.txt"
             " defines them, the unique token dropped. No relations; one central box per case."
         ),
+        "predicates": "none",  # no prompt has a relation: CLIP-R stays empty, nothing is extracted
         "license": (
             "Subject images: CC BY 4.0 (google/dreambooth dataset/, per-image sources in"
             " references_and_licenses.txt). Prompts: the DreamBooth paper's dataset"

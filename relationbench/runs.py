@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from .errors import UserError
 
@@ -31,6 +31,16 @@ IMAGES = "images"
 LOCK = ".lock"
 SCORES = "scores.csv"
 SCORE_LOCK = ".score.lock"  # the scorer's own lock: scoring may run while generate appends
+# scores.csv's columns, in file order: the scorer writes them, the report reads them, and a
+# file with any other header is refused (it was written by another version: rescore it).
+# predicate_source: where CLIP-R's predicate came from ("suite": the suite file; a spaCy model
+# id when extracted at score time; empty when the case has no relation).
+SCORE_COLUMNS = (
+    "case_id", "index", "kind", "subject_1", "subject_2", "clip_t", "clip_r", "clip_i", "dino",
+    "clip_i_1", "clip_i_2", "dino_1", "dino_2", "text", "predicate", "predicate_source", "protocol",
+    "clip_encoder", "dino_encoder", "image_sha256",
+)
+SCORE_FLOAT_COLUMNS = ("clip_t", "clip_r", "clip_i", "dino", "clip_i_1", "clip_i_2", "dino_1", "dino_2")
 TMP_SUFFIX = ".tmp"
 SEED_RULE = "sample 0: the case seed; sample k > 0: first 4 bytes of sha256('<case seed>:<k>'), big-endian"
 # run.json keys that must match for a rerun to continue a run
@@ -173,8 +183,9 @@ class RunDir:
         _append_locked(self.manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
 
     # -- scores ---------------------------------------------------------------------------
-    def read_scores(self, columns: Sequence[str]) -> list[dict[str, str]]:
-        """The rows of scores.csv (a torn last line dropped); refuses a file with other columns.
+    def read_scores(self) -> list[dict[str, str]]:
+        """The rows of scores.csv (a torn last line dropped); refuses a file whose header is not
+        SCORE_COLUMNS.
 
         Call while holding SCORE_LOCK.
         """
@@ -183,7 +194,7 @@ class RunDir:
         _drop_torn_tail(self.scores)
         with open(self.scores, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames != list(columns):
+            if reader.fieldnames != list(SCORE_COLUMNS):
                 raise UserError(
                     "scores.csv has other columns than this version of relbench writes",
                     path=self.scores,
@@ -191,10 +202,11 @@ class RunDir:
                 )
             return list(reader)
 
-    def append_scores(self, columns: Sequence[str], rows: list[dict]) -> None:
-        """Append rows to scores.csv in one locked write, with the header if the file is new."""
+    def append_scores(self, rows: list[dict]) -> None:
+        """Append rows (keys: SCORE_COLUMNS) to scores.csv in one locked write, with the header
+        if the file is new."""
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=SCORE_COLUMNS, lineterminator="\n")
         if not self.scores.exists() or self.scores.stat().st_size == 0:
             writer.writeheader()
         writer.writerows(rows)

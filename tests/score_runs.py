@@ -23,13 +23,16 @@ def photo(seed: int, size: int = 96) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def make_run(root: Path, name: str, case_ids: list[str], per_case: int = 2, *, suite: str = "relationbench",
+def make_run(root: Path, name: str, case_ids: list[str], per_case: int = 2, *, suite: str | Path = "relationbench",
              backbone: str = "tiny", seed: int = 0, record_extra: dict | None = None) -> Path:
-    """A finished run: run.json, one PNG and one manifest line per (case, sample)."""
-    run = RunDir(root / suite / name)
-    run.start({"suite": {"name": suite, "version": 1}, "method": {"name": name.split("@")[0]},
-               "backbone": {"name": backbone}, "dtype": "fp32", "images_per_case": per_case})
-    cases = {c.id: c for c in load_suite(suite).cases}
+    """A finished run in root/<suite>/<name>: run.json, one PNG and one manifest line per (case,
+    sample). `suite`: a built-in suite's name or a suite file (recorded as generate does)."""
+    loaded = load_suite(suite)
+    run = RunDir(root / loaded.name / name)
+    run.start({"suite": {"name": loaded.name, "version": 1}, "suite_path": str(Path(loaded.path).resolve()),
+               "method": {"name": name.split("@")[0]}, "backbone": {"name": backbone}, "dtype": "fp32",
+               "images_per_case": per_case})
+    cases = {c.id: c for c in loaded.cases}
     records = []
     for n, case_id in enumerate(case_ids):
         case = cases[case_id]

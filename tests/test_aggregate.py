@@ -11,7 +11,6 @@ import pytest
 
 from relationbench.errors import UserError
 from relationbench.report.aggregate import (
-    SCORE_COLUMNS,
     SUMMARY_COLUMNS,
     bootstrap_ci,
     case_means,
@@ -20,6 +19,7 @@ from relationbench.report.aggregate import (
     load_scores,
     summarize,
 )
+from relationbench.runs import SCORE_COLUMNS
 
 PAPER = ("paper", "open_clip:ViT-B-32/openai", "dinov2:vits14")
 TINY = ("paper", "tiny:clip-seed0", "tiny:dino-seed0")
@@ -28,7 +28,7 @@ TINY = ("paper", "tiny:clip-seed0", "tiny:dino-seed0")
 def image_row(case_id: str, index: int, kind: str = "single", group=PAPER, **metrics) -> dict:
     row = {c: "" for c in SCORE_COLUMNS}
     row.update(case_id=case_id, index=index, kind=kind, subject_1="dog",
-               subject_2="bear" if kind == "multi" else "", text="a dog", predicate="riding",
+               subject_2="bear" if kind == "multi" else "", text="a dog", predicate="riding", predicate_source="suite",
                protocol=group[0], clip_encoder=group[1], dino_encoder=group[2], image_sha256="0" * 64)
     for m in ("clip_t", "clip_r", "clip_i", "dino", "clip_i_1", "clip_i_2", "dino_1", "dino_2"):
         row[m] = float(metrics.get(m, math.nan))

@@ -8,8 +8,9 @@ import re
 import pandas as pd
 import pytest
 
+from relationbench.errors import UserError
 from relationbench.report.aggregate import SUMMARY_COLUMNS
-from relationbench.report.leaderboard import TABLES, write_leaderboard
+from relationbench.report.leaderboard import TABLES, leaderboard_dir, write_leaderboard
 
 PAPER = ("paper", "open_clip:ViT-B-32/openai", "dinov2:vits14")
 TINY = ("paper", "tiny:clip-seed0", "tiny:dino-seed0")
@@ -185,3 +186,20 @@ def test_only_unknown_suites_points_to_csv(tmp_path):
     summary = pd.DataFrame(rows("x", "my-suite", "single", clip_t=1.0), columns=list(SUMMARY_COLUMNS))
     md = write_leaderboard(summary, tmp_path)[0].read_text(encoding="utf-8")
     assert "see leaderboard.csv" in md
+
+
+# -- where the leaderboard goes ---------------------------------------------------------------
+def test_leaderboard_dir_is_a_given_path(tmp_path):
+    """Never a folder above the paths: one path is the place (even a run folder two levels down,
+    where the old rule climbed to its grandparent); several: the one holding the others."""
+    run = tmp_path / "a" / "b" / "run"
+    assert leaderboard_dir([run]) == run
+    assert leaderboard_dir([str(run)]) == run
+    assert leaderboard_dir([run / "x", tmp_path / "a", run]) == tmp_path / "a"
+    assert leaderboard_dir([tmp_path / "a", tmp_path / "a" / "."]) == tmp_path / "a"
+
+
+def test_leaderboard_dir_refuses_paths_that_share_only_a_folder_above(tmp_path):
+    with pytest.raises(UserError, match="none of the 2 paths holds the others") as err:
+        leaderboard_dir([tmp_path / "a" / "run1", tmp_path / "b" / "run2"])
+    assert "--leaderboard-dir" in err.value.hint and str(tmp_path) in err.value.hint

@@ -10,6 +10,7 @@ from relationbench.backbones import get_backbone
 from relationbench.metrics import PROTOCOLS, clip_score, cosine, mean_pair_cosine
 from relationbench.metrics.cache import EmbeddingCache, cache_file
 from relationbench.metrics.encoders import load_clip, load_dino
+from relationbench.metrics.models import clip_id, dino_id
 from relationbench.metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS
 from relationbench.score import case_predicate, scoring_text
 from relationbench.suites import load_suite
@@ -91,10 +92,10 @@ def test_dino_feature_is_cls_after_final_layernorm(tiny):
 
 def test_encoder_ids_name_the_weights(tiny):
     sdxl = get_backbone("sdxl")
-    assert sdxl.clip_id() == "open_clip:ViT-B-32/openai"
-    assert sdxl.clip_id("ViT-L-14") == "open_clip:ViT-L-14/openai"
-    assert sdxl.dino_id() == "hf:facebook/dino-vits16"
-    assert tiny.clip_id() != tiny.clip_id("ViT-L-14")
+    assert clip_id(sdxl) == "open_clip:ViT-B-32/openai"
+    assert clip_id(sdxl, "ViT-L-14") == "open_clip:ViT-L-14/openai"
+    assert dino_id(sdxl) == "hf:facebook/dino-vits16"
+    assert clip_id(tiny) != clip_id(tiny, "ViT-L-14")
     assert load_clip(tiny, "ViT-L-14").model.visual.patch_size == (14, 14)
 
 
@@ -115,14 +116,13 @@ def test_scoring_text_removes_identifiers_and_prefix():
     assert scoring_text(case, {}) == case.prompt
 
 
-def test_case_predicate_stored_or_extracted():
-    rb = load_suite("relationbench").case("rb-s-001")
-    assert case_predicate(rb) == rb.predicate
-    db = load_suite("dreambench").cases[0]
-    assert db.predicate is None
-    from relationbench.suites import extract_predicate
-
-    assert case_predicate(db) == extract_predicate(db.prompt, [s.class_noun for s in db.subjects])
+def test_case_predicate_comes_from_the_suite():
+    """Stored: "suite"; a suite that declares its predicates (DreamBench: none) is never
+    extracted from. Score-time extraction: tests/test_score.py."""
+    rb = load_suite("relationbench")
+    assert case_predicate(rb.case("rb-s-001"), rb) == (rb.case("rb-s-001").predicate, "suite")
+    db = load_suite("dreambench")
+    assert case_predicate(db.case("db-dog-10"), db) == (None, "")  # "a dog wearing a red hat"
 
 
 def test_embedding_cache_round_trip(tmp_path):

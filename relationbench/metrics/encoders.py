@@ -1,6 +1,6 @@
 """The metric encoders: CLIP (open_clip; image and text towers) and DINO ViT-S/16.
 
-Models come from the backbone (real weights for sdxl, seeded toy models for tiny); this
+Models come from `models` (real weights for sdxl, seeded toy models for tiny); this
 module adds preprocessing, batching, device and dtype, and returns unit-length float32
 embeddings. Each encoder has an `id` naming its weights, written next to every score and
 used as the embedding-cache key.
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from .models import clip_id, dino_id, load_clip_model, load_dino_model
 from .preprocess import CLIP_PREPROCESS, DINO_PREPROCESS, Preprocess
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def load_clip(backbone: "Backbone", arch: str = "ViT-B-32", device: str = "cpu",
 
     dtype = dtype or torch.float32
     tokenizer = open_clip.tokenizer.SimpleTokenizer() if backbone.is_tiny else open_clip.get_tokenizer(arch)
-    return ClipEncoder(backbone.clip_id(arch), CLIP_PREPROCESS, _place(backbone.clip_model(arch), device, dtype),
+    return ClipEncoder(clip_id(backbone, arch), CLIP_PREPROCESS, _place(load_clip_model(backbone, arch), device, dtype),
                        device, dtype, tokenizer=tokenizer)
 
 
@@ -122,4 +123,5 @@ def load_dino(backbone: "Backbone", device: str = "cpu", dtype=None) -> DinoEnco
     import torch
 
     dtype = dtype or torch.float32
-    return DinoEncoder(backbone.dino_id(), DINO_PREPROCESS, _place(backbone.dino_model(), device, dtype), device, dtype)
+    return DinoEncoder(dino_id(backbone), DINO_PREPROCESS, _place(load_dino_model(backbone), device, dtype),
+                       device, dtype)

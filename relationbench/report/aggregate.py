@@ -15,20 +15,13 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from ..runs import RUN_JSON
+from ..runs import RUN_JSON, SCORE_COLUMNS, SCORE_FLOAT_COLUMNS
 from ..runs import SCORES as SCORES_CSV
 
 METRICS = ("clip_t", "clip_r", "clip_i", "dino")
 GROUP = ("protocol", "clip_encoder", "dino_encoder")  # scores are comparable only within one group
 KINDS = ("single", "multi")
 ALL = "all"
-
-SCORE_COLUMNS = (
-    "case_id", "index", "kind", "subject_1", "subject_2", "clip_t", "clip_r", "clip_i", "dino",
-    "clip_i_1", "clip_i_2", "dino_1", "dino_2", "text", "predicate", "protocol", "clip_encoder",
-    "dino_encoder", "image_sha256",
-)
-FLOAT_COLUMNS = ("clip_t", "clip_r", "clip_i", "dino", "clip_i_1", "clip_i_2", "dino_1", "dino_2")
 RUN_COLUMNS = ("run", "run_dir", "suite", "method", "backbone")
 CASE_KEYS = ("run", "suite", "kind", *GROUP, "case_id")
 SUMMARY_KEYS = ("run", "suite", "kind", *GROUP, "metric")
@@ -58,9 +51,10 @@ def load_run_scores(run_dir: str | Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(
             path,
-            dtype={c: (float if c in FLOAT_COLUMNS else "int64" if c == "index" else str) for c in SCORE_COLUMNS},
+            dtype={c: (float if c in SCORE_FLOAT_COLUMNS else "int64" if c == "index" else str)
+                   for c in SCORE_COLUMNS},
             keep_default_na=False,
-            na_values={c: ["", "nan", "NaN"] for c in FLOAT_COLUMNS},
+            na_values={c: ["", "nan", "NaN"] for c in SCORE_FLOAT_COLUMNS},
         )
     except (ValueError, pd.errors.ParserError) as exc:
         raise UserError(f"scores.csv could not be read ({exc})", path=path,

@@ -7,15 +7,18 @@ comparable, so they never share a table, and best/second marks are only given wi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 from tabulate import tabulate
 
+from ..errors import UserError
 from ..metrics.protocols import PROTOCOLS
 from ..runs import atomic_write_text
-from .aggregate import ALL, GROUP, KINDS, METRICS, SUMMARY_COLUMNS
+from .aggregate import ALL, GROUP, KINDS, METRICS, SUMMARY_COLUMNS, load_scores, summarize
 
 METRIC_NAMES = {"clip_t": "CLIP-T", "clip_r": "CLIP-R", "clip_i": "CLIP-I", "dino": "DINO"}
 MISSING_MD = "–"
@@ -223,6 +226,30 @@ def _sorted_summary(summary: pd.DataFrame) -> pd.DataFrame:
     )
     keys = ["suite", *GROUP, "run", "_kind", "kind", "_metric", "metric"]
     return df.sort_values(keys, kind="mergesort").drop(columns=["_kind", "_metric"]).reset_index(drop=True)
+
+
+def leaderboard_dir(paths: Sequence[str | Path]) -> Path:
+    """Where the leaderboard of `relbench score PATHS` goes without --leaderboard-dir: the given
+    path that holds all the others (one path: that path, be it a run folder or a folder of runs).
+
+    Never a folder above the paths (nothing is written outside what was given): when none of
+    them holds the others, the user names the folder. Checked before anything is scored.
+    """
+    resolved = [Path(p).resolve() for p in paths]
+    common = Path(os.path.commonpath(resolved))
+    for given, path in zip(paths, resolved):
+        if path == common:
+            return Path(given)
+    raise UserError(
+        f"none of the {len(paths)} paths holds the others, so the leaderboard has no place among them",
+        hint=f"pass --leaderboard-dir DIR (e.g. {common}), or give the one folder that holds the runs",
+    )
+
+
+def build_leaderboard(runs: Sequence[str | Path], out_dir: str | Path, n_boot: int = 1000, seed: int = 0,
+                      with_ci: bool = False) -> list[Path]:
+    """Summarize every row of the runs' scores.csv (old and new) and write the leaderboard files."""
+    return write_leaderboard(summarize(load_scores(runs), n_boot=n_boot, seed=seed), out_dir, with_ci=with_ci)
 
 
 def write_leaderboard(summary: pd.DataFrame, out_dir: str | Path, with_ci: bool = False,

@@ -7,7 +7,8 @@ Columns (rename any with a mapping {field: column}; only `prompt` and `subjects`
     subjects   subject names, a JSON list or a string split on ';' or ','
                (names from the registry of an existing suite, relationbench by default)
     prompt     the prompt, naming each subject by its class noun
-    predicate  the relation phrase in the prompt  default: spaCy extraction (predicates.py)
+    predicate  the relation phrase in the prompt  default: spaCy extraction (predicates.py),
+               which needs the spaCy English model; the suite then names it (`predicates:`)
     boxes      JSON list of normalized xyxy boxes, one per subject
                default: one central box; two side-by-side boxes for two subjects
     seed       integer                        default: from a hash of the id
@@ -26,6 +27,7 @@ import yaml
 from ..errors import UserError
 from .loader import parse_suite
 from .model import Suite
+from .predicates import extract_predicate, predicate_backend
 
 FIELDS = ("id", "kind", "subjects", "prompt", "predicate", "boxes", "seed")
 DEFAULT_BOXES = {1: [[0.15, 0.15, 0.85, 0.85]], 2: [[0.05, 0.2, 0.5, 0.9], [0.5, 0.2, 0.95, 0.9]]}
@@ -65,6 +67,7 @@ def import_cases(
     if not rows:
         raise UserError("no rows to import", path=path)
     cases = [_case(row, i, name, registry, mapping, path) for i, row in enumerate(rows)]
+    extracted = any(row.get(mapping.get("predicate", "predicate")) in ("", None) for row in rows)
     used = sorted({s for c in cases for s in c["subjects"]})
     data = {
         "suite": name,
@@ -72,6 +75,7 @@ def import_cases(
         "description": f"Imported from {path.name} with `relbench prompts import` "
         f"(subjects from the {registry.name} registry).",
         "license": registry.license,
+        **({"predicates": predicate_backend("model")} if extracted else {}),  # what made them: never a silent fallback
         "subjects": {
             s: {k: v for k, v in {"class": registry.subjects[s].class_noun, "source": registry.subjects[s].source,
                                   "dir": registry.subjects[s].dir, "category": registry.subjects[s].category}.items()
@@ -111,9 +115,7 @@ def _case(row: Mapping[str, Any], i: int, name: str, registry: Suite, mapping: M
     case_id = str(get("id") or f"{name}-{i:04d}")
     predicate = get("predicate")
     if predicate is None:
-        from .predicates import extract_predicate
-
-        predicate = extract_predicate(prompt, [registry.subjects[s].class_noun for s in subjects])
+        predicate = extract_predicate(prompt, [registry.subjects[s].class_noun for s in subjects], backend="model")
         if predicate is None:
             raise UserError(f"{where}: no relation predicate found in {prompt!r}", path=path,
                             hint="add a 'predicate' column")

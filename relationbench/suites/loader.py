@@ -7,6 +7,8 @@ File format (YAML; documented in prompts/README.md):
     images_per_case: 1            # optional: the protocol's samples per case (DreamBench: 4)
     description: ...
     license: ...                  # optional notice carried with derived files
+    predicates: none              # optional: how the case predicates were made ("none": no
+                                  # relations); when given, a case without one has no relation
     subjects:                     # registry: name -> class noun and image location
       dog: {class: dog, source: dreambench, dir: dog, category: pets}
     relations:                    # optional: [{verb: hug, ing: hugging}, ...]
@@ -25,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from .model import Case, Subject, Suite, find_phrase, phrase_in
+from .model import NO_PREDICATES, Case, Subject, Suite, find_phrase, phrase_in
 
 SUITE_SUFFIXES = (".yaml", ".yml", ".json")
 # libyaml's safe loader parses the 1212-case suite in 0.2 s instead of 1.5 s
@@ -91,6 +93,10 @@ def parse_suite(data: Any, path: Path) -> Suite:
     images_per_case = data.get("images_per_case", 1)
     if not isinstance(images_per_case, int) or isinstance(images_per_case, bool) or images_per_case < 1:
         raise SuiteError(f"images_per_case must be a positive integer, got {images_per_case!r}", path=path)
+    predicates = data.get("predicates")
+    if predicates is not None and (not isinstance(predicates, str) or not predicates.strip()):
+        raise SuiteError(f"predicates must name how the case predicates were made, got {predicates!r}", path=path,
+                         hint=f"e.g. {NO_PREDICATES!r} for a suite without relations")
     subjects = _parse_subjects(data["subjects"], path)
     if not isinstance(data["cases"], list) or not data["cases"]:
         raise SuiteError("'cases' must be a non-empty list", path=path)
@@ -105,6 +111,10 @@ def parse_suite(data: Any, path: Path) -> Suite:
                 hint="give every case a unique id",
             )
         seen[case.id] = i
+        if predicates == NO_PREDICATES and case.predicate is not None:
+            raise SuiteError(f"case {case.id}: has predicate {case.predicate!r}, but the suite says "
+                             f"predicates: {NO_PREDICATES}", path=path,
+                             hint=f"drop the predicate, or the suite's `predicates: {NO_PREDICATES}`")
         cases.append(case)
     return Suite(
         name=name,
@@ -116,6 +126,7 @@ def parse_suite(data: Any, path: Path) -> Suite:
         license=data.get("license"),
         relations=tuple(data.get("relations") or ()),
         images_per_case=images_per_case,
+        predicates=predicates,
     )
 
 

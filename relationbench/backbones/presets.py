@@ -1,0 +1,54 @@
+"""Backbone presets: for each component key, the weights a named backbone uses.
+
+    sdxl   SDXL base 1.0 and the weights the methods and metrics load, from the hub or
+           from local folders given as overrides (`--weight sdxl=/path/to/folder`).
+    tiny   the same architectures at toy size with seeded random weights (see tiny.py): no
+           files, no network. For tests and dry runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .sources import WeightSource
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """A named set of weight sources and the default image size."""
+
+    name: str
+    description: str
+    resolution: int  # default image side in pixels
+    weights: Mapping[str, WeightSource] = field(default_factory=dict)
+    seed: int | None = None  # tiny only: the seed of the random weights
+
+
+SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+
+PRESETS: dict[str, BackbonePreset] = {
+    "sdxl": BackbonePreset(
+        name="sdxl",
+        description="SDXL base 1.0 with the weights of MS-Diffusion, RelationLoRA and the metric encoders",
+        resolution=1024,
+        weights={
+            "sdxl": WeightSource.hub(SDXL_REPO),
+            # CLIP ViT-bigG/14 vision tower used by MS-Diffusion (REFERENCE 1)
+            "image_encoder": WeightSource.hub("h94/IP-Adapter", subfolder="sdxl_models/image_encoder"),
+            "msdiffusion": WeightSource.hub("doge1516/MS-Diffusion", filename="ms_adapter.bin"),
+            "relationlora": WeightSource.hub("QingyuShi/DreamRelation"),
+            # metric encoders of the `paper` protocol (REFERENCE 4); ViT-L/14 on request
+            "clip": WeightSource.open_clip("ViT-B-32", "openai"),
+            "clip_l14": WeightSource.open_clip("ViT-L-14", "openai"),
+            "dino": WeightSource.hub("facebook/dino-vits16"),
+        },
+    ),
+    "tiny": BackbonePreset(
+        name="tiny",
+        description="SDXL's architectures at toy size with seeded random weights (tests, dry runs; no files)",
+        resolution=128,
+        weights={},
+        seed=0,
+    ),
+}
