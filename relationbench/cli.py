@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from .backbones import CLIP_KEYS
 from .devices import DTYPES
 from .errors import UserError
+from .metrics.models import CLIP_KEYS
 from .metrics.protocols import PROTOCOLS
 
 
@@ -200,7 +200,19 @@ def data_verify(name, data_dir):
 
 
 # -- methods ------------------------------------------------------------------------------
-@cli.command("methods")
+_set_option = click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE",
+                           help="Change one setting of the card (a variant, named e.g. msdiffusion[scale=0.4]).")
+
+
+@cli.group("methods", cls=_Group, invoke_without_command=True)
+@click.pass_context
+def methods_group(ctx):
+    """Method cards: list them, or show one's resolved settings."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(methods_list)
+
+
+@methods_group.command("list")
 def methods_list():
     """Registered method cards."""
     from tabulate import tabulate
@@ -212,9 +224,31 @@ def methods_list():
     click.echo(tabulate(rows, headers=["method", "adapter", "card"]))
 
 
+@methods_group.command("show")
+@click.argument("name")
+@_set_option
+@click.option("--backbone", default="sdxl", show_default=True, help="tiny applies the card's smoke schedule.")
+def methods_show(name, set_values, backbone):
+    """A card's resolved settings and where each value came from."""
+    from tabulate import tabulate
+
+    from .backbones import get_backbone
+    from .methods import default_registry
+    from .methods.cards import parse_set
+
+    card = default_registry().card(name, parse_set(set_values))
+    resolved = card.resolve(get_backbone(backbone).is_tiny)
+    click.echo(f"method:  {card.name}\nadapter: {card.adapter} (version {card.version})\ncard:    {card.path}")
+    if card.base:
+        click.echo(f"base:    {card.base}")
+    rows = [[k, json.dumps(v, default=list), resolved.sources[k]] for k, v in resolved.values.items()]
+    click.echo(tabulate(rows, headers=["setting", "value", "from"]))
+
+
 # -- generate -----------------------------------------------------------------------------
 @cli.command("generate")
 @click.option("--method", required=True, help="Method card name (see `relbench methods`) or card file.")
+@_set_option
 @click.option("--suite", default="relationbench", show_default=True)
 @_backbone_options
 @click.option("--limit", type=int, default=None, help="Only the first N selected cases.")
@@ -229,13 +263,13 @@ def methods_list():
               help="Pad small batches so batch size never changes an image's bytes (default: on for the CPU).")
 @_data_dir
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate_cmd(method, suite, backbone, weights, limit, cases, kind, images_per_case, batch_size, out,
+def generate_cmd(method, set_values, suite, backbone, weights, limit, cases, kind, images_per_case, batch_size, out,
                  device, dtype, batch_invariant, data_dir, quiet):
     """Generate images for a suite; rerun to resume."""
     from .generate import GenerateOptions, generate
 
     summary = generate(GenerateOptions(
-        method=method, suite=suite, backbone=backbone, weights=_parse_pairs(weights, "--weight"),
+        method=method, set_values=set_values, suite=suite, backbone=backbone, weights=_parse_pairs(weights, "--weight"),
         limit=limit, cases=cases, kind=kind, images_per_case=images_per_case, batch_size=batch_size,
         out=out, device=device, dtype=dtype, data_dir=data_dir, quiet=quiet, batch_invariant=batch_invariant,
     ))
@@ -263,6 +297,29 @@ def convert_msdiffusion(src, dst, force):
     click.echo(f"{n} tensors written to {dst}")
 
 
+# -- lora ---------------------------------------------------------------------------------
+@cli.group(cls=_Group)
+def lora():
+    """LoRA banks: folders of trained LoRAs with an index."""
+
+
+@lora.command("list")
+@click.argument("bank", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def lora_list(bank):
+    """The LoRAs in BANK (e.g. ~/.cache/relationbench/dreambooth/loras)."""
+    from tabulate import tabulate
+
+    from .methods.lora.bank import LoraBank
+
+    loras = LoraBank(bank)
+    if not loras.index_path.is_file():
+        raise UserError("not a LoRA bank: no index", path=loras.index_path,
+                        hint="give a folder a method trained LoRAs into")
+    entries = loras.entries()
+    rows = [[e.name, e.file, e.rank, e.steps, e.base_model, e.created] for e in entries]
+    click.echo(tabulate(rows, headers=["name", "file", "rank", "steps", "base model", "created"]))
+
+
 # -- score / compare -----------------------------------------------------------------------
 @cli.command("score")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -278,26 +335,34 @@ def convert_msdiffusion(src, dst, force):
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=None, help="Decoding processes (default: from device and cores).")
-@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the CIs.")
+@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Bootstrap resamples for the CIs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--ci", "with_ci", is_flag=True, help="Show ± the 95% CI half-width in the tables.")
 @click.option("--leaderboard-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where leaderboard.{md,csv,tex} go (default: the folder holding the runs).")
+              help="Where leaderboard.{md,csv,tex} go (default: the one of PATHS that holds the others).")
 @_data_dir
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def score_cmd(paths, protocol, clip_arch, backbone, weights, device, dtype, batch_size, workers, bootstrap, seed,
               with_ci, leaderboard_dir, data_dir, quiet):
-    """Score every run below PATHS (scores.csv per run) and write the leaderboard; rerun to add new images."""
+    """Score every run below PATHS (scores.csv per run) and write the leaderboard; rerun to add new images.
+
+    The leaderboard goes into PATHS itself (one path: that folder, even a single run folder;
+    several: the one that holds the others), never above it; elsewhere with --leaderboard-dir.
+    """
+    from .report.leaderboard import build_leaderboard
+    from .report.leaderboard import leaderboard_dir as default_leaderboard_dir
     from .score import ScoreOptions, score
 
+    out = leaderboard_dir or default_leaderboard_dir(paths)  # refused here, before anything is written
     summary = score(ScoreOptions(
         paths=paths, protocol=protocol, clip=clip_arch, backbone=backbone, weights=_parse_pairs(weights, "--weight"),
-        device=device, dtype=dtype, batch_size=batch_size, workers=workers, bootstrap=bootstrap, seed=seed,
-        with_ci=with_ci, leaderboard_dir=leaderboard_dir, data_dir=data_dir, quiet=quiet,
+        device=device, dtype=dtype, batch_size=batch_size, workers=workers, data_dir=data_dir, quiet=quiet,
     ))
+    written = build_leaderboard(summary.runs, out, n_boot=bootstrap, seed=seed, with_ci=with_ci)
     click.echo(f"{len(summary.runs)} run(s): {summary.scored} image(s) scored, {summary.skipped} already scored "
                f"({summary.seconds:.1f} s)")
-    click.echo("leaderboard: " + ", ".join(str(p) for p in summary.leaderboard))
+    click.echo("leaderboard: " + ", ".join(str(p) for p in written))
     if summary.missing_references:
         click.echo("no reference images, CLIP-I and DINO left empty for: " + "; ".join(summary.missing_references),
                    err=True)
