@@ -50,3 +50,15 @@ def write_suite(tmp_path):
         return path
 
     return _write
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the tiny models are too small to gain from two, and on a shared
+    2-core machine spinning thread pools make them several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

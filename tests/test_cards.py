@@ -143,3 +143,13 @@ def test_every_card_uses_the_shared_setting_names(name):
     """One name per concept across methods, so `--set steps=20` means the same everywhere."""
     fields = set(default_registry().card(name).settings_class().__dataclass_fields__)
     assert SHARED_NAMES <= fields, sorted(SHARED_NAMES - fields)
+
+
+def test_dreambooth_trains_a_smoke_schedule_on_tiny():
+    """`generate --method dreambooth --backbone tiny` took 11 minutes (100 class images, 500
+    steps); on tiny the card's schedule cuts it to seconds, on sdxl the recipe stays."""
+    card = default_registry().card("dreambooth")
+    tiny, real = card.resolve(tiny=True).values, card.resolve(tiny=False).values
+    assert tiny["train_steps"] * tiny["gradient_accumulation"] <= 4
+    assert tiny["num_class_images"] <= 4 and tiny["class_steps"] <= 4
+    assert (real["train_steps"], real["num_class_images"], real["gradient_accumulation"]) == (500, 100, 4)

@@ -5,10 +5,9 @@ Generated from the registry, so a new card is covered the day it lands.
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from relationbench.cli import cli
@@ -25,20 +24,11 @@ def dreambench_only_cases() -> list[str]:
     return [next(c.id for c in cases if c.kind == kind) for kind in ("single", "multi")]
 
 
-# Cards whose defaults take minutes even on tiny (training) run with these settings replaced;
-# everything else about the card (adapter, other settings) is as registered.
-SMOKE = {"dreambooth": {"train_steps": 1, "gradient_accumulation": 1, "num_class_images": 1, "class_steps": 2}}
-
-
 @pytest.mark.parametrize("name", default_registry().names())
 def test_card_generates_on_tiny(name, tmp_path, monkeypatch):
+    """As registered: a training card runs its own `tiny:` smoke schedule, in seconds."""
     card = default_registry().card(name)
     monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
-    method = name
-    if name in SMOKE:
-        method = str(tmp_path / f"{name}.yaml")
-        Path(method).write_text(yaml.safe_dump({"name": name, "adapter": card.adapter,
-                                                "settings": {**card.settings, **SMOKE[name]}}))
     data = tmp_path / "data"
     if card.adapter_class().needs_references:
         source = SHARED / "data" / "dreambench"
@@ -48,7 +38,9 @@ def test_card_generates_on_tiny(name, tmp_path, monkeypatch):
         assert res.exit_code == 0, res.output
     out = tmp_path / "run"
     ids = dreambench_only_cases()
-    res = CliRunner().invoke(cli, ["generate", "--method", method, "--backbone", "tiny", "--cases", ",".join(ids),
+    res = CliRunner().invoke(cli, ["generate", "--method", name, "--backbone", "tiny", "--cases", ",".join(ids),
                                    "--batch-size", "2", "--data-dir", str(data), "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     assert RunDir(out).finished() == {(i, 0) for i in ids}
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["method"].get("tiny_schedule", {}) == card.resolve(tiny=True).tiny_applied

@@ -1,14 +1,14 @@
-"""The `dreambooth` method: a LoRA per subject set, trained once and cached, then SDXL sampling
-with the identifier in the prompt ("a sks dog riding a bicycle").
+"""The `dreambooth` method: a LoRA per subject set, trained once into a LoRA bank, then SDXL
+sampling with the identifier in the prompt ("a sks dog riding a bicycle").
 
 Cache layout ($RELBENCH_CACHE or ~/.cache/relationbench):
 
-    dreambooth/loras/<key>/pytorch_lora_weights.safetensors + lora.json
-    dreambooth/class_images/<class>-<key>/<i>.png        prior-preservation images
+    dreambooth/loras/                                 a LoRA bank (index.json, <key>/...)
+    dreambooth/class_images/<class>-<key>/<i>.png     prior-preservation images
 
 A LoRA's key hashes its subjects (names and the bytes of their images), identifiers, training
 settings and backbone, so it is reused across runs and retrained when any of them changes.
-A file lock per key lets processes of one launch share the cache without training twice.
+A file lock per key lets processes of one launch share the bank without training twice.
 """
 
 from __future__ import annotations
@@ -17,18 +17,19 @@ import hashlib
 import json
 import os
 import re
-import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar, Hashable, Sequence
 
 from ...data import reference_images, sha256_file
 from ...errors import UserError
-from ..base import Context, Request, Sample
+from ..base import Context, MethodBase, Request, Sample
+from ..lora.bank import BankAdapters, LoraBank
 from ..sampling import quiet_sliced, sample_sdxl, seeded_noise
-from .training import WEIGHT_NAME, Concept, TrainSettings, train_lora
+from .training import Concept, TrainSettings, train_dreambooth
 
-LORA_ADAPTER = "dreambooth"
+# settings that change how a LoRA is trained but not what it learns: not part of its key
+NOT_IN_KEY = ("checkpoint_every",)
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,14 @@ class DreamBoothSettings(TrainSettings):
     identifiers: tuple[str, ...] = ("sks", "zwx")  # subject i of a set gets identifiers[i]
     num_class_images: int = 100  # prior-preservation images per class (diffusers' default)
     class_steps: int = 30  # sampling steps of the class images
-    sample_steps: int = 30  # Euler, as every baseline (RelationBooth appendix 6.1)
+    resolution: int | None = None  # training (and class image) side; None: the backbone's (1024 on sdxl)
+    # sampling
+    steps: int = 30  # Euler, as every baseline (RelationBooth appendix 6.1)
     guidance_scale: float = 5.0
     negative_prompt: str = ""
-    resolution: int | None = None  # training and sampling side; None: the backbone's (1024 on sdxl)
+    prompt_prefix: str = ""
+    height: int | None = None  # None: the backbone's resolution
+    width: int | None = None
     cache_dir: str | None = None
 
     def __post_init__(self):
@@ -47,9 +52,14 @@ class DreamBoothSettings(TrainSettings):
         object.__setattr__(self, "identifiers", tuple(self.identifiers))
         if len(set(self.identifiers)) != len(self.identifiers) or len(self.identifiers) < 2:
             raise ValueError("identifiers must be at least two distinct tokens (one per subject of a pair)")
+        if self.steps < 1 or self.class_steps < 1 or self.num_class_images < 0:
+            raise ValueError("steps and class_steps must be at least 1, num_class_images at least 0")
+        for side in (self.height, self.width, self.resolution):
+            if side is not None and side % 8:
+                raise ValueError(f"height, width and resolution must be multiples of 8, got {side}")
 
     def train(self) -> TrainSettings:
-        return TrainSettings(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)})
+        return TrainSettings(**{name: getattr(self, name) for name in TrainSettings.__dataclass_fields__})
 
 
 def _cache_root(settings: DreamBoothSettings) -> Path:
@@ -62,26 +72,42 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class DreamBoothMethod:
+class DreamBoothMethod(MethodBase):
     Settings = DreamBoothSettings
+    weights: ClassVar[tuple[str, ...]] = ("sdxl",)
     needs_references: ClassVar[bool] = True
 
     def __init__(self, settings: DreamBoothSettings, context: Context):
         self.settings = settings
         self.context = context
+        self.bank = LoraBank(_cache_root(settings) / "loras")
         self._pipe = None
-        self._loaded: str | None = None  # key of the LoRA now in the pipeline
+        self._adapters: BankAdapters | None = None
         self._keys: dict[tuple, str] = {}
 
-    @property
-    def pipe(self):
+    def load(self) -> None:
+        """The backbone's (shared, cached) SDXL pipeline; the LoRAs load per group later."""
         if self._pipe is None:
             ctx = self.context
             self._pipe = quiet_sliced(ctx.backbone.sdxl_pipeline(device=ctx.device, dtype=ctx.dtype))
+            self._adapters = BankAdapters(self._pipe, self.bank)
+
+    @property
+    def pipe(self):
+        self.load()
         return self._pipe
+
+    @property
+    def adapters(self) -> BankAdapters:
+        self.load()
+        return self._adapters  # type: ignore[return-value]
 
     def resolution(self) -> int:
         return self.settings.resolution or self.context.backbone.resolution
+
+    def size(self) -> tuple[int, int]:
+        res = self.context.backbone.resolution
+        return (self.settings.height or res, self.settings.width or res)
 
     # -- subject sets and their LoRAs ---------------------------------------------------------------
     @staticmethod
@@ -89,13 +115,22 @@ class DreamBoothMethod:
         """The subjects a LoRA is trained on, in a fixed order (the same pair in any case order)."""
         return tuple(sorted(case.subjects, key=lambda s: s.name))
 
+    def check(self, cases) -> None:
+        """Every case's subjects need an identifier each."""
+        n = len(self.settings.identifiers)
+        for case in cases:
+            if len(case.subjects) > n:
+                raise UserError(f"case {case.id} has {len(case.subjects)} subjects but only {n} identifiers are set",
+                                hint="add identifiers to the card (--set identifiers=...)")
+
     def identifiers(self, case) -> list[str]:
         """The identifier of each of the case's subjects, in case order."""
         ordered = [s.name for s in self.subject_set(case)]
-        if len(ordered) > len(self.settings.identifiers):
-            raise UserError(f"case {case.id} has {len(ordered)} subjects but only "
-                            f"{len(self.settings.identifiers)} identifiers are set")
         return [self.settings.identifiers[ordered.index(s.name)] for s in case.subjects]
+
+    def group(self, case) -> Hashable:
+        """The key of the LoRA the case needs: cases of one subject set share it."""
+        return self.lora_key(self.subject_set(case))
 
     def lora_key(self, subjects: tuple) -> str:
         if subjects not in self._keys:
@@ -104,48 +139,41 @@ class DreamBoothMethod:
 
     def _lora_key(self, subjects: tuple) -> str:
         images = {s.name: [sha256_file(p) for p in reference_images(s, self.context.data_root)] for s in subjects}
-        train = asdict(self.settings.train())
+        train = {k: v for k, v in asdict(self.settings.train()).items() if k not in NOT_IN_KEY}
         train.update(num_class_images=self.settings.num_class_images, class_steps=self.settings.class_steps,
                      resolution=self.resolution(), identifiers=self.settings.identifiers[: len(subjects)])
+        if self.settings.prior_preservation:  # the class images it trains on are sampled with this guidance
+            train["class_guidance_scale"] = self.settings.guidance_scale
         return _digest({"subjects": [[s.name, s.class_noun] for s in subjects], "images": images, "train": train,
                         "backbone": self.context.backbone.describe(), "dtype": str(self.context.dtype)})
 
-    def lora_dir(self, subjects: tuple) -> Path:
-        return _cache_root(self.settings) / "loras" / self.lora_key(subjects)
-
     def prepare(self, cases) -> None:
-        """Train every LoRA the cases need that the cache does not hold (with progress)."""
-        from filelock import FileLock
-
+        """Train every LoRA the cases need that the bank does not hold (with progress)."""
         needed = list(dict.fromkeys(self.subject_set(c) for c in cases))
         for subjects in needed:
-            folder = self.lora_dir(subjects)
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(folder) + ".lock"):
-                if (folder / WEIGHT_NAME).is_file():
-                    continue
-                self._train(subjects, folder)
+            key = self.lora_key(subjects)
+            with self.bank.lock(key):
+                if key not in self.bank:
+                    self._train(subjects, key)
 
-    def _train(self, subjects: tuple, folder: Path) -> None:
+    def _train(self, subjects: tuple, key: str) -> None:
         s = self.settings
-        concepts = []
-        for ident, subject in zip(s.identifiers, subjects):
-            classes = self.class_images(subject.class_noun) if s.prior_preservation else []
-            concepts.append(Concept(ident, subject.class_noun, tuple(reference_images(subject, self.context.data_root)),
-                                    tuple(classes)))
-        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._unload()
-        train_lora(self.pipe, concepts, s.train(), tmp, self.resolution(), self.context.device,
-                   progress=not self.context.quiet)
-        (tmp / "lora.json").write_text(json.dumps({
-            "subjects": [x.name for x in subjects], "identifiers": list(s.identifiers[: len(subjects)]),
-            "train": asdict(s.train()), "resolution": self.resolution(), "backbone": self.context.backbone.name,
-        }, indent=2) + "\n")
-        os.replace(tmp, folder)  # complete or absent: never a half-written LoRA in the cache
+        folder = self.bank.folder(key)
+        info = {"subjects": [x.name for x in subjects], "identifiers": list(s.identifiers[: len(subjects)])}
+        if not folder.is_dir():  # else trained, but the index update was cut short
+            self.adapters.close()  # class images and training on the base model
+            concepts = []
+            for ident, subject in zip(s.identifiers, subjects):
+                classes = self.class_images(subject.class_noun) if s.prior_preservation else []
+                concepts.append(Concept(ident, subject.class_noun,
+                                        tuple(reference_images(subject, self.context.data_root)), tuple(classes)))
+            train_dreambooth(self.pipe, concepts, s.train(), folder, self.resolution(), self.context.device,
+                             progress=not self.context.quiet, info=info)
+        self.bank.add(key, base=self.context.backbone.describe(), info=info)
 
     def class_images(self, class_noun: str) -> list[Path]:
-        """`num_class_images` base-model images of "a <class>", generated once and cached."""
+        """`num_class_images` base-model images of "a <class>", generated once and cached
+        (with no LoRA in the pipeline: _train closes the adapters first)."""
         import torch
         from tqdm.auto import tqdm
 
@@ -156,7 +184,6 @@ class DreamBoothMethod:
         folder.mkdir(parents=True, exist_ok=True)
         paths = [folder / f"{i:04d}.png" for i in range(s.num_class_images)]
         missing = [i for i, p in enumerate(paths) if not p.is_file()]
-        self._unload()
         pipe, size = self.pipe, self.resolution()
         for start in tqdm(range(0, len(missing), 4), desc=f"class images: a {class_noun}", unit="batch",
                           disable=self.context.quiet or not missing):
@@ -174,42 +201,24 @@ class DreamBoothMethod:
         return paths
 
     # -- sampling ----------------------------------------------------------------------------------------
-    def _unload(self) -> None:
-        if self._loaded is not None:
-            self.pipe.delete_adapters(LORA_ADAPTER)
-            self._loaded = None
-
-    def _load(self, subjects: tuple) -> None:
-        folder = self.lora_dir(subjects)
-        if self._loaded == folder.name:
-            return
-        if not (folder / WEIGHT_NAME).is_file():
-            raise RuntimeError(f"no trained LoRA for {[s.name for s in subjects]}: prepare() first")
-        from diffusers.utils import logging as diffusers_logging
-
-        self._unload()
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # not "no text-encoder keys" for every UNet-only LoRA
-        try:
-            self.pipe.load_lora_weights(str(folder), weight_name=WEIGHT_NAME, adapter_name=LORA_ADAPTER)
-        finally:
-            diffusers_logging.set_verbosity(level)
-        self._loaded = folder.name
-
     def generate(self, requests: Sequence[Request]) -> list[Sample]:
-        s, pipe = self.settings, self.pipe
-        size = self.resolution()
-        out: list[Sample | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(self.subject_set(r.case), []).append(i)
-        for subjects, idx in groups.items():
-            self._load(subjects)
-            reqs = [requests[i] for i in idx]
-            idents = [self.identifiers(r.case) for r in reqs]
-            prompts = [r.case.personalized_prompt(ids) for r, ids in zip(reqs, idents)]
-            images = sample_sdxl(pipe, reqs, prompts, steps=s.sample_steps, guidance_scale=s.guidance_scale,
-                                 negative_prompt=s.negative_prompt, height=size, width=size, device=self.context.device)
-            for i, image, prompt, ids in zip(idx, images, prompts, idents):
-                out[i] = Sample(image, {"prompt": prompt, "identifiers": ids, "lora": self._loaded})
-        return out  # type: ignore[return-value]
+        """Images of one group (the run loop never mixes groups): one LoRA switch at most."""
+        s = self.settings
+        keys = {self.group(r.case) for r in requests}
+        if len(keys) != 1:
+            raise ValueError(f"a batch must hold the cases of one LoRA, got {len(keys)}")
+        key = keys.pop()
+        self.adapters.activate(key)
+        height, width = self.size()
+        idents = [self.identifiers(r.case) for r in requests]
+        prompts = [s.prompt_prefix + r.case.personalized_prompt(ids) for r, ids in zip(requests, idents)]
+        images = sample_sdxl(self.pipe, requests, prompts, steps=s.steps, guidance_scale=s.guidance_scale,
+                             negative_prompt=s.negative_prompt, height=height, width=width, device=self.context.device)
+        extra = {"prompt_prefix": s.prompt_prefix} if s.prompt_prefix else {}
+        return [Sample(image, {"prompt": prompt, "identifiers": ids, "lora": key, **extra})
+                for image, prompt, ids in zip(images, prompts, idents)]
+
+    def close(self) -> None:
+        """Remove the LoRAs this method added to the shared pipeline."""
+        if self._adapters is not None:
+            self._adapters.close()

@@ -6,48 +6,42 @@ prior preservation with base-model images of "a <class>" (prior loss weight 1.0)
 (lr 1e-4, weight decay 1e-4), batch 1 with 4 accumulation steps, optional min-SNR
 weighting. Two subjects train one LoRA jointly, each with its own identifier.
 
-accelerate provides mixed precision, gradient accumulation and the optimizer wrapper; the
-model itself is not wrapped in DDP, so processes sharing a launch (one per GPU) each train
-the LoRAs of their own cases.
+The loop is the generic LoRA trainer's (methods/lora/trainer.py); this module gives it
+DreamBooth's batch source (instance rows, then class rows) and loss (noise MSE plus the
+weighted prior loss). Processes sharing a generate launch each train the LoRAs of their own
+cases (data_parallel=False); one LoRA can train data-parallel under a launch of its own.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-ADAPTER = "dreambooth-train"
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
+from ..lora.trainer import LoraTarget, TrainerSettings, train_lora
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    rank: int = 4
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-4  # diffusers' adam_weight_decay
-    train_steps: int = 500  # optimizer steps (each of gradient_accumulation micro-batches)
-    batch_size: int = 1
-    gradient_accumulation: int = 4
+class TrainSettings(TrainerSettings):
+    """The trainer's settings (its defaults are the recipe's: rank 4, AdamW lr 1e-4, weight
+    decay 1e-4, batch 1 x 4 accumulation, clip-norm 1.0) and DreamBooth's own."""
+
+    batch_size: int = 1  # instance rows per micro-batch (and as many class rows)
     prior_preservation: bool = True
     prior_loss_weight: float = 1.0
     train_text_encoder: bool = False
     snr_gamma: float | None = None  # min-SNR weighting (e.g. 5.0); None: plain MSE
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (accelerate)
-    gradient_checkpointing: bool = False
-    seed: int = 0
 
     def __post_init__(self):
-        if self.train_steps < 1 or self.batch_size < 1 or self.gradient_accumulation < 1 or self.rank < 1:
-            raise ValueError("train_steps, batch_size, gradient_accumulation and rank must be at least 1")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -128,30 +122,92 @@ def _encode_prompts(pipe, prompts: Sequence[str], device) -> tuple[torch.Tensor,
     return torch.cat(hidden, dim=-1), pooled
 
 
-def train_lora(pipe, concepts: Sequence[Concept], settings: TrainSettings, out_dir: Path, resolution: int,
-               device: str, progress: bool = True) -> Path:
-    """Train one LoRA on `concepts` into out_dir (diffusers format); leaves `pipe` as it was."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
-    from diffusers.training_utils import cast_training_params, compute_snr
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.utils import get_peft_model_state_dict
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch: its rows (instance rows first), their scaled latents, noise and
+    timesteps; latents and noise [rows, 4, h/8, w/8] in the UNet's dtype, timesteps [rows]."""
 
-    s = settings
-    unet, vae = pipe.unet, pipe.vae
-    encoders = [pipe.text_encoder, pipe.text_encoder_2]
-    # accelerate keeps one global state per process; a new LoRA may ask for another precision,
-    # so start from a fresh one (the process group of a sharded launch, PartialState, is kept)
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation,
-                              cpu=device == "cpu")
-    gen = torch.Generator("cpu").manual_seed(s.seed)
+    rows: list[Example]
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+@dataclass
+class DreamBoothBatches:
+    """The batch source: `batch_size` random instance rows, then as many class rows when
+    prior preservation is on; each row's latent drawn from its image's VAE distribution."""
+
+    instance: list[Example]
+    classes: list[Example]
+    dists: Mapping[Path, Any]  # image -> the VAE's latent distribution of it
+    batch_size: int
+    scaling_factor: float
+    num_train_timesteps: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def _pick(self, pool: list[Example], gen: torch.Generator) -> list[Example]:
+        return [pool[int(i)] for i in torch.randint(len(pool), (self.batch_size,), generator=gen)]
+
+    def __call__(self, gen: torch.Generator) -> Batch:
+        rows = self._pick(self.instance, gen) + (self._pick(self.classes, gen) if self.classes else [])
+        latents = torch.cat([self.dists[e.image].sample(generator=gen) for e in rows])
+        latents = (latents * self.scaling_factor).to(self.dtype)
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+        t = torch.randint(0, self.num_train_timesteps, (len(rows),), generator=gen).to(self.device)
+        return Batch(rows, latents, noise, t)
+
+
+@dataclass
+class DreamBoothLoss:
+    """Noise (or velocity) MSE on the instance rows plus prior_loss_weight x that on the class
+    rows, optionally min-SNR weighted; SDXL conditioning from the frozen prompt embeddings, or
+    from the text encoders each step when they train too."""
+
+    pipe: Any
+    scheduler: Any  # the DDPM training scheduler
+    settings: TrainSettings
+    sizes: Mapping[Path, tuple[int, int]]  # image -> original (h, w), for SDXL's time ids
+    resolution: int
+    embeds: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None  # prompt -> (hidden, pooled)
+
+    def __call__(self, unet: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        from diffusers.training_utils import compute_snr
+
+        s, device = self.settings, batch.latents.device
+        noisy = self.scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        if self.embeds is None:
+            hidden, pooled = _encode_prompts(self.pipe, [e.prompt for e in batch.rows], device)
+        else:
+            hidden = torch.stack([self.embeds[e.prompt][0] for e in batch.rows])
+            pooled = torch.stack([self.embeds[e.prompt][1] for e in batch.rows])
+        size = self.resolution
+        time_ids = torch.tensor([[*self.sizes[e.image], 0, 0, size, size] for e in batch.rows],
+                                device=device, dtype=hidden.dtype)
+        pred = unet(noisy, batch.timesteps, encoder_hidden_states=hidden.to(unet.dtype),
+                    added_cond_kwargs={"text_embeds": pooled.to(unet.dtype), "time_ids": time_ids}).sample
+        v_pred = self.scheduler.config.prediction_type == "v_prediction"
+        target = self.scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps) if v_pred else batch.noise
+        weights = None
+        if s.snr_gamma is not None:
+            snr = compute_snr(self.scheduler, batch.timesteps)
+            weights = torch.clamp(snr, max=s.snr_gamma) / (snr + 1 if v_pred else snr)
+        return dreambooth_loss(pred, target, s.batch_size, s.prior_loss_weight, weights)
+
+
+def train_dreambooth(pipe, concepts: Sequence[Concept], settings: TrainSettings, out_dir: Path, resolution: int,
+                     device: str, progress: bool = True, info: Mapping[str, Any] | None = None,
+                     data_parallel: bool = False) -> Path:
+    """Train one LoRA on `concepts` into out_dir (diffusers format, via the generic trainer);
+    leaves `pipe` as it was. data_parallel=False: this process alone, also under a launch
+    (the processes of a sharded generate each train the LoRAs of their own cases)."""
+    from diffusers import DDPMScheduler
+
+    s, vae = settings, pipe.vae
     instance, classes = examples(concepts)
-    use_prior = s.prior_preservation and bool(classes)
-
+    if not s.prior_preservation:
+        classes = []
     # frozen inputs, computed once: latent distributions of every image, prompt embeddings
     with torch.no_grad():
         dists, sizes = {}, {}
@@ -159,96 +215,16 @@ def train_lora(pipe, concepts: Sequence[Concept], settings: TrainSettings, out_d
             x, sizes[ex.image] = _pixels(ex.image, resolution)
             dists[ex.image] = vae.encode(x[None].to(device, vae.dtype)).latent_dist
         prompts = sorted({e.prompt for e in instance + classes})
-        if not s.train_text_encoder:
-            embeds = dict(zip(prompts, zip(*_encode_prompts(pipe, prompts, device))))
-
-    unet.requires_grad_(False)
-    for enc in encoders:
-        enc.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian",
-                                target_modules=UNET_TARGETS), adapter_name=ADAPTER)
-    trained = [unet]
-    if s.train_text_encoder:  # peft directly: transformers' add_adapter wants a newer peft than PyPI has
-        for enc in encoders:
-            inject_adapter_in_model(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian",
-                                               target_modules=TEXT_TARGETS), enc, adapter_name=ADAPTER)
-        trained += encoders
-    if s.mixed_precision != "no" or unet.dtype != torch.float32:
-        cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in fp32
-    if s.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    optimizer = accelerator.prepare_optimizer(
-        torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay))
+        embeds = None if s.train_text_encoder else dict(zip(prompts, zip(*_encode_prompts(pipe, prompts, device))))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for m in trained:
-        m.train()
-
-    def batch(pool: list[Example]) -> list[Example]:
-        return [pool[int(i)] for i in torch.randint(len(pool), (s.batch_size,), generator=gen)]
-
-    bar = tqdm(total=s.train_steps, desc=f"LoRA {' + '.join(c.identifier + ' ' + c.class_noun for c in concepts)}",
-               unit="step", disable=not progress, leave=False)
-    try:
-        for _ in range(s.train_steps * s.gradient_accumulation):
-            rows = batch(instance) + (batch(classes) if use_prior else [])
-            with accelerator.accumulate(unet), accelerator.autocast():
-                latents = torch.cat([dists[e.image].sample(generator=gen) for e in rows])
-                latents = (latents * vae.config.scaling_factor).to(unet.dtype)
-                noise = torch.randn(latents.shape, generator=gen).to(latents)
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=gen).to(device)
-                noisy = scheduler.add_noise(latents, noise, t)
-                if s.train_text_encoder:
-                    hidden, pooled = _encode_prompts(pipe, [e.prompt for e in rows], device)
-                else:
-                    hidden = torch.stack([embeds[e.prompt][0] for e in rows])
-                    pooled = torch.stack([embeds[e.prompt][1] for e in rows])
-                time_ids = torch.tensor([[*sizes[e.image], 0, 0, resolution, resolution] for e in rows],
-                                        device=device, dtype=hidden.dtype)
-                pred = unet(noisy, t, encoder_hidden_states=hidden.to(unet.dtype),
-                            added_cond_kwargs={"text_embeds": pooled.to(unet.dtype), "time_ids": time_ids}).sample
-                v_pred = scheduler.config.prediction_type == "v_prediction"
-                target = scheduler.get_velocity(latents, noise, t) if v_pred else noise
-                weights = None
-                if s.snr_gamma is not None:
-                    snr = compute_snr(scheduler, t)
-                    weights = torch.clamp(snr, max=s.snr_gamma) / (snr + 1 if v_pred else snr)
-                loss = dreambooth_loss(pred, target, s.batch_size, s.prior_loss_weight, weights)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))}
-        if s.train_text_encoder:
-            for key, enc in zip(("text_encoder_lora_layers", "text_encoder_2_lora_layers"), encoders):
-                layers[key] = convert_state_dict_to_diffusers(get_peft_model_state_dict(enc, adapter_name=ADAPTER))
-        StableDiffusionXLPipeline.save_lora_weights(out_dir, weight_name=WEIGHT_NAME, **layers)
-    finally:
-        bar.close()
-        if s.gradient_checkpointing:
-            unet.disable_gradient_checkpointing()
-        with contextlib.suppress(ValueError):
-            unet.delete_adapters(ADAPTER)
-        for enc in trained[1:]:
-            _remove_lora_layers(enc)
-        for m in trained:
-            m.eval()
-            m.requires_grad_(False)
-    return out_dir / WEIGHT_NAME
-
-
-def _remove_lora_layers(model: torch.nn.Module) -> None:
-    """Put back the original layers wherever peft injected LoRA wrappers."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name, module in wrapped:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    batches = DreamBoothBatches(instance, classes, dists, s.batch_size, vae.config.scaling_factor,
+                                scheduler.config.num_train_timesteps, pipe.unet.dtype, torch.device(device))
+    loss = DreamBoothLoss(pipe, scheduler, s, sizes, resolution, embeds)
+    encoders = [LoraTarget(pipe.text_encoder, TEXT_TARGETS, "text_encoder"),
+                LoraTarget(pipe.text_encoder_2, TEXT_TARGETS, "text_encoder_2")] if s.train_text_encoder else []
+    names = " + ".join(f"{c.identifier} {c.class_noun}" for c in concepts)
+    return train_lora(pipe.unet, UNET_TARGETS, batches, loss, s, out_dir, also=encoders,
+                      info={"batch_size": s.batch_size, "prior_preservation": s.prior_preservation,
+                            "prior_loss_weight": s.prior_loss_weight, "snr_gamma": s.snr_gamma,
+                            "resolution": resolution, **(info or {})},
+                      data_parallel=data_parallel, progress=progress, desc=f"LoRA {names}")
