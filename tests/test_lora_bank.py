@@ -4,7 +4,6 @@ the base model when none is active; close() takes every adapter off; `relbench l
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -17,6 +16,8 @@ from relationbench.cli import cli
 from relationbench.errors import UserError
 from relationbench.methods.lora.bank import BankAdapters, LoraBank
 from relationbench.methods.lora.files import SETTINGS_NAME, WEIGHT_NAME
+
+from .lora_reference import merged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,17 +42,6 @@ def fake_lora(folder, unet, seed: int, rank: int = 2, steps: int = 7) -> dict[st
     safetensors.torch.save_file(state, str(folder / WEIGHT_NAME))
     (folder / SETTINGS_NAME).write_text(json.dumps({"settings": {"rank": rank, "train_steps": steps}}))
     return state
-
-
-def merged(unet, state: dict[str, torch.Tensor]):
-    """An independent copy of the UNet with W + up @ down written into its weights."""
-    out = copy.deepcopy(unet)
-    with torch.no_grad():
-        for key, down in state.items():
-            if key.endswith("lora.down.weight"):
-                module = out.get_submodule(key[len("unet."):].rsplit(".lora", 1)[0])
-                module.weight += state[key.removesuffix("down.weight") + "up.weight"] @ down
-    return out
 
 
 def run(unet) -> torch.Tensor:

@@ -4,7 +4,6 @@ was, and trains one LoRA data-parallel under `accelerate launch` (two CPU proces
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from relationbench.methods.lora.files import LOSS_LOG_NAME, SETTINGS_NAME, WEIGH
 from relationbench.methods.lora.trainer import TrainerSettings, rank_seed, train_lora
 
 from .conftest import REPO
+from .lora_reference import merged
 
 TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")  # RelationLoRA's modules
 
@@ -92,13 +92,8 @@ def test_learns_a_fixed_batch_writes_files_restores_model(tmp_path, pipe):
     attn2 = [n for n, _ in unet.named_modules() if n.endswith("attn2")]
     assert {k.rsplit(".lora", 1)[0] for k in state} == {f"unet.{a}.{t}" for a in attn2 for t in
                                                         ("to_q", "to_k", "to_v", "to_out.0")}
-    merged = copy.deepcopy(unet)
     with torch.no_grad():
-        for key, down in state.items():
-            if key.endswith("lora.down.weight"):
-                module = merged.get_submodule(key[len("unet."):].rsplit(".lora", 1)[0])
-                module.weight += state[key.removesuffix("down.weight") + "up.weight"] @ down
-        expected = mse(merged, fixed).item()
+        expected = mse(merged(unet, state), fixed).item()
     pipe.load_lora_weights(str(out), weight_name=WEIGHT_NAME, adapter_name="check")
     try:
         with torch.no_grad():

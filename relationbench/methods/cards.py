@@ -87,14 +87,6 @@ class MethodCard:
     base: str | None = None  # the name of the card this one varies
 
     @property
-    def settings(self) -> dict[str, Any]:
-        """Every value the card files and --set give (no defaults, no tiny schedule)."""
-        out: dict[str, Any] = {}
-        for layer in self.layers:
-            out.update(layer.values)
-        return out
-
-    @property
     def changes(self) -> dict[str, Any]:
         """What this variant changes relative to its root card."""
         out: dict[str, Any] = {}
