@@ -126,3 +126,25 @@ def test_close_restores_the_shared_pipeline(tmp_path, dreambench_data):
     ms.close()
     assert {name: type(p) for name, p in sdxl.pipe.unet.attn_processors.items()} == before
     assert sdxl.generate(request)[0].image.tobytes() == first
+
+
+def test_fuse_projections_setting_same_images_and_undone_by_close(tmp_path, dreambench_data):
+    from diffusers.models.attention_processor import Attention
+
+    from relationbench.backbones import get_backbone
+    from relationbench.methods.msdiffusion import MSDiffusionMethod, MSDiffusionSettings
+
+    ctx = Context(get_backbone("tiny"), "cpu", torch.float32, dreambench_data)
+    case = load_suite("relationbench").case(dreambench_only_cases()[1])
+    request = [Request(case, 0, 5)]
+    images = {}
+    for fuse in (False, True):
+        ms = MSDiffusionMethod(MSDiffusionSettings(steps=2, fuse_projections=fuse), ctx)
+        ms.load()
+        attention = [m for m in ms.pipe.unet.modules() if isinstance(m, Attention)]
+        assert all(m.fused_projections == fuse for m in attention)
+        ms.prepare([case])
+        images[fuse] = ms.generate(request)[0].image.tobytes()
+        ms.close()
+        assert not any(m.fused_projections or hasattr(m, "to_kv") or hasattr(m, "to_qkv") for m in attention)
+    assert images[True] == images[False]

@@ -40,6 +40,7 @@ class MSDiffusionSettings:
     offload_image_encoder: bool = False  # move the encoder to the CPU once subjects are encoded
     mask_threshold: float | None = None  # auto layout (official value 0.5): attention maps replace boxes
     start_step: int = 5  # auto layout: from this many recorded steps on
+    fuse_projections: bool = False  # fused q/k/v (text) and k/v (image) matmuls: same images, faster on a GPU
     height: int | None = None  # None: the backbone's resolution
     width: int | None = None
 
@@ -98,10 +99,15 @@ class MSDiffusionMethod(PipelineMethod):
             path = ctx.backbone.fetch("msdiffusion")
             load_checkpoint(adapter, read_checkpoint(path), path)
         self.adapter = adapter.to(device=ctx.device, dtype=pipe.unet.dtype).eval()
+        if self.settings.fuse_projections:
+            self.adapter.fuse_projections(pipe.unet)
         self._image_encoder()
 
     def close(self) -> None:
-        """Put the UNet's own attention processors back: the backbone's pipeline is shared."""
+        """Put the UNet's own attention processors back and unfuse what load() fused: the
+        backbone's pipeline is shared."""
+        if self.adapter is not None and self.settings.fuse_projections:
+            self.adapter.unfuse_projections(self._pipe.unet)
         if self._unet_processors is not None:
             self._pipe.unet.set_attn_processor(self._unet_processors)
         self._unet_processors = None

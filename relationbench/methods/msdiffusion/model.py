@@ -131,6 +131,20 @@ class MSAdapter(nn.Module):
             proc.fuse_projections()
         self.install(unet)
 
+    def unfuse_projections(self, unet) -> None:
+        """Undo fuse_projections on the UNet's attention modules: drop the fused copies (the
+        separate projections were never changed), so a shared UNet is as it was."""
+        from diffusers.models.attention_processor import Attention
+
+        for m in _module(unet).modules():
+            if isinstance(m, Attention) and m.fused_projections:
+                for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                    if hasattr(m, name):
+                        delattr(m, name)
+                m.fused_projections = False
+        for proc in self.cross.values():
+            proc.kv_ip_weight = None
+
     def check_installed(self, unet, ms: ImageConditioning | None = None) -> None:
         """Raise a UserError unless every attn2 of `unet` runs this adapter's processor, no fused
         projection bypasses a live LoRA, and (given the conditioning of a call under way, after
