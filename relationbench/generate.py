@@ -1,4 +1,4 @@
-"""Cases -> batches -> images: the resumable, shardable run loop behind `relbench generate`.
+"""Cases -> groups -> batches -> images: the resumable, shardable run loop behind `relbench generate`.
 
 Reads top to bottom: check every input, then prepare the run folder, then sample. Nothing
 is written before all checks pass.
