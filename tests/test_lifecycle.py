@@ -90,6 +90,57 @@ def test_weight_error_leaves_nothing_written(tmp_path, dreambench_data):
     assert json.loads((out / "run.json").read_text())["backbone"]["name"] == "tiny"
 
 
+def test_wrong_image_encoder_leaves_nothing_written(tmp_path, dreambench_data, monkeypatch):
+    """A ViT-H encoder (the SD 1.5 IP-Adapter's, hidden 1024) is refused in load(), before any write."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from relationbench.methods.msdiffusion import method as ms_method
+
+    vit_h = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=1,
+                                                           num_attention_heads=2, image_size=224, patch_size=14))
+    monkeypatch.setattr(ms_method, "load_image_encoder", lambda backbone: vit_h)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["generate", "--method", "msdiffusion", "--backbone", "tiny", "--quiet",
+                                   "--cases", dreambench_only_cases()[0], "--data-dir", str(dreambench_data),
+                                   "--out", str(out)])
+    assert res.exit_code == 2 and "hidden size 1024" in res.output and not out.exists()
+
+
+def test_msdiffusion_loads_each_model_once(tmp_path, dreambench_data, monkeypatch):
+    """One image encoder load per run, and each reference image encoded once, however many
+    requests name it."""
+    from relationbench.methods.msdiffusion import method as ms_method
+
+    loads, encoded = [], []
+    real_load = ms_method.load_image_encoder
+    monkeypatch.setattr(ms_method, "load_image_encoder", lambda backbone: loads.append(1) or real_load(backbone))
+    real_encode = ms_method.MSDiffusionMethod.encode_references
+
+    def counting(self, paths):
+        encoded.extend(p for p in dict.fromkeys(paths) if p not in self._embeds)
+        return real_encode(self, paths)
+
+    monkeypatch.setattr(ms_method.MSDiffusionMethod, "encode_references", counting)
+    res = CliRunner().invoke(cli, ["generate", "--method", "msdiffusion", "--backbone", "tiny", "--quiet",
+                                   "--set", "steps=1", "--cases", ",".join(dreambench_only_cases()),
+                                   "--images-per-case", "2", "--batch-size", "1", "--data-dir", str(dreambench_data),
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    suite = load_suite("relationbench")
+    subjects = {s.name for c in dreambench_only_cases() for s in suite.case(c).subjects}
+    assert len(loads) == 1 and len(encoded) == len(set(encoded)) == len(subjects)
+    # driven without the run loop, the first encoding loads everything, the encoder once too
+    from relationbench.backbones import get_backbone
+
+    loads.clear()
+    method = ms_method.MSDiffusionMethod(ms_method.MSDiffusionSettings(steps=1),
+                                         Context(get_backbone("tiny"), "cpu", torch.float32, dreambench_data))
+    case = suite.case(dreambench_only_cases()[0])
+    method.encode_references([method.reference(case.subjects[0])])
+    assert len(loads) == 1
+    method.close()
+
+
 def test_reference_index_out_of_range_is_an_error(tmp_path, dreambench_data):
     out = tmp_path / "run"
     case = dreambench_only_cases()[0]

@@ -77,6 +77,7 @@ class MSDiffusionMethod(PipelineMethod):
         self._unet_processors: dict | None = None  # the shared UNet's own, put back by close()
         self._embeds: dict[str, torch.Tensor] = {}  # reference path -> [257, E]
         self._phrases: dict[str, torch.Tensor] = {}  # phrase -> pooled text embedding
+        self._references: dict[str, str] = {}  # subject name -> its reference image path
 
     # -- lifecycle ---------------------------------------------------------------------------
     def check(self, cases) -> None:
@@ -101,7 +102,7 @@ class MSDiffusionMethod(PipelineMethod):
         self.adapter = adapter.to(device=ctx.device, dtype=pipe.unet.dtype).eval()
         if self.settings.fuse_projections:
             self.adapter.fuse_projections(pipe.unet)
-        self._image_encoder()
+        self._encoder, self._processor = self._load_image_encoder()
 
     def close(self) -> None:
         """Put the UNet's own attention processors back and unfuse what load() fused: the
@@ -114,6 +115,7 @@ class MSDiffusionMethod(PipelineMethod):
         self.adapter = self._encoder = self._processor = None
         self._embeds.clear()
         self._phrases.clear()
+        self._references.clear()
 
     @property
     def pipe(self):
@@ -121,26 +123,28 @@ class MSDiffusionMethod(PipelineMethod):
             self.load()
         return self._pipe
 
-    def _image_encoder(self):
-        if self._encoder is None:
-            from transformers import CLIPImageProcessor
+    def _load_image_encoder(self):
+        """The CLIP vision tower (checked to be as wide as the resampler expects) and its
+        preprocessing; called by load(), once the adapter says which width fits."""
+        from transformers import CLIPImageProcessor
 
-            self.pipe  # noqa: B018  (builds the adapter, whose config says which encoder fits)
-            want = self.adapter.cfg.embedding_dim
-            encoder = load_image_encoder(self.context.backbone)
-            if encoder.config.hidden_size != want:
-                raise UserError(
-                    f"MS-Diffusion needs the CLIP ViT-bigG/14 vision tower (hidden size {want}); this image "
-                    f"encoder has hidden size {encoder.config.hidden_size}"
-                    + (" (a ViT-H/14: the SD 1.5 IP-Adapter encoder)" if encoder.config.hidden_size == 1024 else ""),
-                    hint="use h94/IP-Adapter sdxl_models/image_encoder (--weight image_encoder=PATH)",
-                )
-            self._encoder = encoder.to(self.context.device, self.pipe.unet.dtype)
-            self._processor = CLIPImageProcessor()  # 224, bicubic, centre crop, OpenAI mean/std
-        return self._encoder
+        want = self.adapter.cfg.embedding_dim
+        encoder = load_image_encoder(self.context.backbone)
+        if encoder.config.hidden_size != want:
+            raise UserError(
+                f"MS-Diffusion needs the CLIP ViT-bigG/14 vision tower (hidden size {want}); this image "
+                f"encoder has hidden size {encoder.config.hidden_size}"
+                + (" (a ViT-H/14: the SD 1.5 IP-Adapter encoder)" if encoder.config.hidden_size == 1024 else ""),
+                hint="use h94/IP-Adapter sdxl_models/image_encoder (--weight image_encoder=PATH)",
+            )
+        # 224, bicubic, centre crop, OpenAI mean/std
+        return encoder.to(self.context.device, self._pipe.unet.dtype), CLIPImageProcessor()
 
     def reference(self, subject) -> str:
-        """The path of the subject's reference image number `reference_index` (by file name)."""
+        """The path of the subject's reference image number `reference_index` (by file name),
+        looked up once per subject."""
+        if subject.name in self._references:
+            return self._references[subject.name]
         refs = reference_images(subject, self.context.data_root)
         if not refs:
             raise UserError(f"subject {subject.name!r} has no reference images",
@@ -152,7 +156,8 @@ class MSDiffusionMethod(PipelineMethod):
                 f"which has {len(refs)} reference image(s) (indices 0 to {len(refs) - 1})",
                 hint=f"--set reference_index=N with 0 <= N < {len(refs)} (the smallest subject count bounds it)",
             )
-        return str(refs[index])
+        self._references[subject.name] = str(refs[index])
+        return self._references[subject.name]
 
     # -- encoding (once per subject / phrase) ----------------------------------------------------
     def prepare(self, cases) -> None:
@@ -168,7 +173,8 @@ class MSDiffusionMethod(PipelineMethod):
         todo = [p for p in dict.fromkeys(paths) if p not in self._embeds]
         if not todo:
             return
-        encoder = self._image_encoder()
+        self.pipe  # noqa: B018  (loads the encoder with everything else)
+        encoder = self._encoder
         device = next(encoder.parameters()).device
         for i in range(0, len(todo), 16):
             chunk = todo[i : i + 16]
