@@ -32,6 +32,9 @@ def test_variant_identity_differs_from_base():
     assert base.digest() != variant.digest()
     assert base.describe()["settings"]["scale"] == 0.6 and variant.describe()["settings"]["scale"] == 0.4
     assert variant.describe()["changes"] == {"scale": 0.4}
+    # what run.json stores reads back equal (tuples as lists), so a rerun is the same run
+    scaled = reg.card("msdiffusion", parse_set(["subject_scales=[0.6, 0.4]"])).describe()
+    assert json.loads(json.dumps(scaled)) == scaled and scaled["settings"]["subject_scales"] == [0.6, 0.4]
     # setting a value to what the card already says still names the variant, same images
     same = reg.card("msdiffusion", parse_set(["scale=0.6"]))
     assert same.digest() == base.digest() and same.name == "msdiffusion[scale=0.6]"
@@ -126,6 +129,9 @@ def test_variant_runs_in_its_own_folder(tmp_path, monkeypatch):
     meta = json.loads((run / "run.json").read_text())
     assert meta["method"]["name"] == "sdxl[steps=2]" and meta["method"]["settings"]["steps"] == 2
     assert meta["method"]["base"] == "sdxl" and meta["method"]["changes"] == {"steps": 2}
+    # the same variant again resumes its run (run.json's identity reads back equal)
+    res = CliRunner().invoke(cli, [*args, "--set", "steps=2"])
+    assert res.exit_code == 0 and "0 generated, 1 already done" in res.output, res.output
     # another value is another run: its own folder, never mixed into this one
     res = CliRunner().invoke(cli, [*args, "--set", "steps=1"])
     assert res.exit_code == 0, res.output

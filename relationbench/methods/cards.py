@@ -164,8 +164,10 @@ class MethodCard:
 
     def digest(self, tiny: bool = False) -> str:
         """Stable hash of what changes images: adapter, version and the resolved settings."""
-        resolved = self.resolve(tiny).values
-        blob = json.dumps({"adapter": self.adapter, "version": self.version, "settings": resolved},
+        return self._digest(self.resolve(tiny).values)
+
+    def _digest(self, values: Mapping[str, Any]) -> str:
+        blob = json.dumps({"adapter": self.adapter, "version": self.version, "settings": values},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -173,7 +175,7 @@ class MethodCard:
         """What run.json records about the method."""
         resolved = self.resolve(tiny)
         info = {"name": self.name, "adapter": self.adapter, "version": self.version,
-                "settings": resolved.values, "digest": self.digest(tiny)}
+                "settings": resolved.values, "digest": self._digest(resolved.values)}
         if self.base:
             info["base"] = self.base
             info["changes"] = self.changes
