@@ -3,10 +3,10 @@
 Full-size metric encoders with random weights (speed does not depend on weight values):
 CLIP ViT-B-32 (open_clip, QuickGELU) and DINO ViT-S/16 (transformers ViTModel, no pooler).
 They replace the tiny backbone's toy encoders by patching the model loaders the metric
-encoders call (`metrics.encoders.load_clip_model` / `load_dino_model`) in this process, so `score(ScoreOptions(backbone="tiny"))` runs its real
-code path unchanged: run discovery, DataLoader decoding workers, preprocessing, batched
-encoding, text embeddings, scores.csv, embedding caches, then (as `relbench score` does)
-the leaderboard.
+encoders call (`metrics.encoders.load_clip_model` / `load_dino_model`) in this process, so
+`score(ScoreOptions(backbone="tiny"))` runs its real code path unchanged: run discovery,
+DataLoader decoding workers, preprocessing, batched encoding, text embeddings, scores.csv,
+embedding caches, then (as `relbench score` does) the leaderboard.
 
 Measured on the same machine, device, dtype and batch size:
   raw      random preprocessed tensors already on the device, CLIP image + DINO per batch
@@ -226,13 +226,11 @@ def prefill_reference_cache(files: list[Path], dtype) -> None:
     from relationbench.backbones import get_backbone
     from relationbench.devices import dtype_name
     from relationbench.metrics.cache import EmbeddingCache, cache_file, default_cache_dir
-    from relationbench.metrics.models import clip_id, dino_id
+    from relationbench.score import encoder_ids
 
     name = dtype_name(dtype)
-    suffix = "" if name == "fp32" else f"@{name}"  # what score._load_encoders appends to the ids
-    tiny = get_backbone("tiny")
     rng = np.random.default_rng(0)
-    for encoder_id, dim in ((clip_id(tiny, CLIP_ARCH) + suffix, 512), (dino_id(tiny) + suffix, 384)):
+    for encoder_id, dim in zip(encoder_ids(get_backbone("tiny"), CLIP_ARCH, name), (512, 384)):
         cache = EmbeddingCache(cache_file(default_cache_dir(), encoder_id, name))
         for f in files:
             e = rng.standard_normal(dim).astype(np.float32)

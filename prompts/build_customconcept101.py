@@ -80,8 +80,10 @@ def read_prompts(src: Path, filename: str) -> list[str]:
     return out
 
 
-def build_suite(src: Path, license_text: str, predicates: str) -> dict:
-    """The suite as a dict; `predicates` is the id of the spaCy model that extracts them."""
+def build_suite(src: Path, license_text: str) -> dict:
+    """The suite as a dict, its predicates extracted with spaCy's English model (UserError
+    without one), which `predicates:` names."""
+    model = predicate_backend("model")
     classes = concept_classes(json.loads((src / "dataset.json").read_text(encoding="utf-8")))
     pairs = json.loads((src / "dataset_multiconcept.json").read_text(encoding="utf-8"))
     subjects: dict[str, dict] = {}
@@ -124,7 +126,7 @@ def build_suite(src: Path, license_text: str, predicates: str) -> dict:
             " {0}/{1} filled with the concepts' class nouns. Two side-by-side boxes per case."
             " Noncommercial research use only (Adobe Research License)."
         ),
-        "predicates": predicates,
+        "predicates": model,
         "license": license_text,
         "subjects": dict(sorted(subjects.items())),
         "cases": cases,
@@ -165,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.src / need).exists():
             parser.error(f"{args.src / need}: missing (pass --src, custom-diffusion's customconcept101/ folder)")
     try:
-        model = predicate_backend("model")
+        suite = build_suite(args.src, license_notice(args.src))
     except UserError as exc:
         parser.error(f"the predicates are extracted with spaCy's English model: {exc.render()}")
-    suite = build_suite(args.src, license_notice(args.src), model)
     write_validated(dump_suite(suite, HEADER), args.out)
     print(f"wrote {args.out}: {len(suite['cases'])} cases, {len(suite['subjects'])} subjects")
     return 0

@@ -34,7 +34,8 @@ SCORE_LOCK = ".score.lock"  # the scorer's own lock: scoring may run while gener
 # scores.csv's columns, in file order: the scorer writes them, the report reads them, and a
 # file with any other header is refused (it was written by another version: rescore it).
 # predicate_source: where CLIP-R's predicate came from ("suite": the suite file; a spaCy model
-# id when extracted at score time; empty when the case has no relation).
+# id when extracted at score time, also when the model found none; empty when the suite file
+# says the case has no relation).
 SCORE_COLUMNS = (
     "case_id", "index", "kind", "subject_1", "subject_2", "clip_t", "clip_r", "clip_i", "dino",
     "clip_i_1", "clip_i_2", "dino_1", "dino_2", "text", "predicate", "predicate_source", "protocol",

@@ -174,8 +174,10 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan
         if (r["protocol"], r["clip_encoder"], r["dino_encoder"]) == (opts.protocol, clip_id, dino_id)
     }
     suite = _run_suite(meta, run)
-    for record in run.records():
-        key = (record["case_id"], int(record["index"]))
+    # one image per (case, sample): a regenerated image's later manifest line wins, so no
+    # image is scored (and counted on the leaderboard) twice
+    latest = {(r["case_id"], int(r["index"])): r for r in run.records()}
+    for key, record in latest.items():
         if key in done:
             plan.skipped += 1
             continue
@@ -306,9 +308,9 @@ class _Encoders:
 def _load_encoders(backbone: "Backbone", opts: ScoreOptions, device: str, dtype) -> _Encoders:
     from .devices import dtype_name
     from .metrics.encoders import load_clip, load_dino
-    from .metrics.models import CLIP_KEYS
+    from .metrics.models import clip_key
 
-    backbone.check_available((CLIP_KEYS.get(opts.clip, "clip"), "dino"))
+    backbone.check_available((clip_key(opts.clip), "dino"))
     clip = load_clip(backbone, opts.clip, device, dtype)
     dino = load_dino(backbone, device, dtype)
     name = dtype_name(dtype)

@@ -69,6 +69,32 @@ def test_scores_and_leaderboard_files(env):
     assert "\\toprule" in tex and "\\multicolumn" in tex
     board = pd.read_csv(results / "leaderboard.csv")
     assert set(board["run"]) == {"alpha@tiny", "beta@tiny"} and set(board["kind"]) >= {"single", "multi"}
+    # n: cases and images of each run, each image once (3 single + 2 multi cases, 2 images each)
+    counts = board[board["run"] == "alpha@tiny"].set_index(["kind", "metric"])[["n_cases", "n_images"]]
+    for metric in ("clip_t", "clip_r", "clip_i", "dino"):
+        assert counts.loc[("single", metric)].tolist() == [3, 6]
+        assert counts.loc[("multi", metric)].tolist() == [2, 4]
+        assert counts.loc[("all", metric)].tolist() == [5, 10]
+    single_t = board.query("run == 'alpha@tiny' and kind == 'single' and metric == 'clip_t'")["mean"].item()
+    assert single_t == pytest.approx(df[df["kind"] == "single"]["clip_t"].mean(), abs=1e-5)  # 2 images per case
+
+
+def test_a_regenerated_image_is_scored_once(env):
+    """A manifest with a second line for an image (regenerated after its file was lost) gives
+    one row, of the image now on disk, and the leaderboard counts it once."""
+    import hashlib
+
+    results, a, _ = env
+    make_run(results, "alpha@tiny", ["rb-s-001"], seed=7)  # the same (case, sample) keys again
+    res = score(a)
+    assert "10 image(s) scored" in res.output
+    df = read(a)
+    assert len(df) == 10 and not df.duplicated(["case_id", "index"]).any()
+    for _, row in df[df["case_id"] == "rb-s-001"].iterrows():
+        image = a / "images" / "rb-s-001" / f"{row['index']}.png"
+        assert row["image_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    board = pd.read_csv(a / "leaderboard.csv").set_index(["kind", "metric"])
+    assert board.loc[("single", "clip_t"), ["n_cases", "n_images"]].tolist() == [3, 6]
 
 
 def test_rescoring_is_a_no_op(env, monkeypatch):
@@ -169,6 +195,7 @@ def test_clip_t_matches_transformers_clip(env):
 
     from relationbench.backbones import build_clip_tokenizers, get_backbone
     from relationbench.metrics.models import load_clip_model
+    from relationbench.suites import load_suite
 
     results, a, _ = env
     score(a)
@@ -183,6 +210,15 @@ def test_clip_t_matches_transformers_clip(env):
         img, txt = hf_image_features(hf, pixels), hf_text_features(hf, ids["input_ids"])
     expected = 100 * torch.nn.functional.cosine_similarity(img.double(), txt.double()).numpy()
     np.testing.assert_allclose(df["clip_t"].to_numpy(), expected, atol=1e-4)
+    # CLIP-R: the same image against the case's predicate alone
+    suite = load_suite("relationbench")
+    assert list(df["predicate"]) == [suite.case(c).predicate for c in df["case_id"]]
+    ids = tokenizer(list(df["predicate"]), padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        pred = hf_text_features(hf, ids["input_ids"])
+    expected_r = 100 * torch.nn.functional.cosine_similarity(img.double(), pred.double()).numpy()
+    np.testing.assert_allclose(df["clip_r"].to_numpy(), expected_r, atol=1e-4)
+    assert not np.allclose(df["clip_r"], df["clip_t"], atol=1e-2)  # a different text than the prompt
 
 
 def test_dino_matches_pairwise_loop(env):
@@ -346,6 +382,28 @@ def test_predicate_extracted_at_score_time_names_the_model(tmp_path, monkeypatch
     model = predicate_backend("model")
     assert model.startswith("spacy:en_core_web_sm") and model[-1].isdigit()  # package and version
     assert tuple(rows.loc["t-m-1", ["predicate", "predicate_source"]]) == ("hugging", model)
+    assert not np.isnan(rows.loc["t-m-1", "clip_r"])
+
+
+def test_no_predicate_found_at_score_time_still_names_the_model(tmp_path, monkeypatch, write_suite):
+    """The model finding no relation decides that CLIP-R stays empty: its id is recorded too
+    (empty only where the suite file itself says the case has none)."""
+    from relationbench.suites.predicates import MODEL_PACKAGES, predicate_backend
+
+    from .conftest import mini_suite_data
+
+    if not any(importlib.util.find_spec(p) for p in MODEL_PACKAGES):
+        pytest.skip("no spaCy English model installed")
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RELBENCH_DATA", str(tmp_path / "data"))
+    data = mini_suite_data(prompt="a dog and a bear plushie")
+    del data["cases"][1]["predicate"]
+    run = make_run(tmp_path / "results", "x@tiny", ["t-m-1"], per_case=1, suite=write_suite(data))
+    score(run)
+    row = read(run).iloc[0]
+    assert np.isnan(row["clip_r"]) and pd.isna(row["predicate"])  # an empty cell
+    assert row["predicate_source"] == predicate_backend("model")
+    assert not np.isnan(row["clip_t"])
 
 
 def test_score_time_extraction_refuses_the_rule_based_fallback(tmp_path, monkeypatch, write_suite):

@@ -27,6 +27,8 @@ def test_valid_suite_loads(write_suite):
         ({"boxes": [[0.1, 0.1, 0.9, 0.9]]}, "needs 2 box"),
         ({"subjects": ["dog", "unicorn"]}, "unknown subject"),
         ({"predicate": "kissing"}, "predicate 'kissing' not found"),
+        # an empty predicate is not a missing one (which a suite without `predicates:` extracts)
+        ({"predicate": "", "prompt": "a dog, hugging a bear plushie"}, "predicate '' is empty"),
         ({"prompt": "a dog hugging a teddy"}, "class noun 'bear plushie'"),
         ({"kind": "pair"}, "kind"),
         ({"seed": -1}, "seed"),

@@ -46,7 +46,7 @@ class Table:
 
 _SINGLE = ColumnGroup("Single-object", "single", METRICS)
 _MULTI = ColumnGroup("Multi-object", "multi", METRICS)
-_NO_R = ("clip_t", "clip_i", "dino")  # these suites' prompts carry no relation to score
+_NO_R = ("clip_t", "clip_i", "dino")  # tables without a CLIP-R column (leaderboard.csv has it)
 TABLES = (
     Table("relationbench", "RelationBench (Table 1)", (_SINGLE, _MULTI)),
     Table("dreambench", "DreamBench (Table 2)", (ColumnGroup("Single-object", "single", _NO_R),)),

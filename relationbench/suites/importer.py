@@ -67,7 +67,7 @@ def import_cases(
     if not rows:
         raise UserError("no rows to import", path=path)
     cases = [_case(row, i, name, registry, mapping, path) for i, row in enumerate(rows)]
-    extracted = any(row.get(mapping.get("predicate", "predicate")) in ("", None) for row in rows)
+    extracted = any(_value(row, mapping, "predicate") is None for row in rows)  # _case extracted these
     used = sorted({s for c in cases for s in c["subjects"]})
     data = {
         "suite": name,
@@ -96,10 +96,15 @@ def write_suite(data: dict[str, Any], out: Path, force: bool = False) -> None:
     tmp.replace(out)
 
 
+def _value(row: Mapping[str, Any], mapping: Mapping[str, str], field: str) -> Any:
+    """A field's cell in a row (its column renamed by `mapping`); None when absent or empty."""
+    value = row.get(mapping.get(field, field))
+    return None if value in ("", None) else value
+
+
 def _case(row: Mapping[str, Any], i: int, name: str, registry: Suite, mapping: Mapping[str, str], path: Path) -> dict:
     def get(field: str) -> Any:
-        value = row.get(mapping.get(field, field))
-        return None if value in ("", None) else value
+        return _value(row, mapping, field)
 
     where = f"row {i + 1}"
     prompt = get("prompt")

@@ -196,6 +196,9 @@ def _parse_case(raw: Any, index: int, suite: str, subjects: dict[str, Subject], 
             hint="name each subject by its own class noun in the prompt",
         )
     predicate = raw.get("predicate")
+    if predicate is not None and not str(predicate).strip():
+        # "" would read as "no predicate" downstream, where a missing one may be extracted
+        raise fail(f"predicate {predicate!r} is empty", hint="leave `predicate` out for a case without a relation")
     if predicate is not None and not phrase_in(prompt, str(predicate)):
         raise fail(f"predicate {predicate!r} not found in prompt {prompt!r}")
     boxes = _parse_boxes(raw["boxes"], len(case_subjects), fail)
