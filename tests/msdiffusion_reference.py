@@ -65,11 +65,44 @@ def in_box(box, y: int, x: int, h: int, w: int) -> bool:
     return math.floor(x0 * w) <= x <= math.ceil(x1 * w) - 1 and math.floor(y0 * h) <= y <= math.ceil(y1 * h) - 1
 
 
+def auto_regions(attn, hiddens, text, phrase_tokens, threshold: float, w: int) -> list[list[set]]:
+    """The auto layout's regions after len(hiddens) calls of one attn2, cell by cell: per row
+    and subject, the cells (y, x) where the phrase's text attention (softmax per head, mean
+    over heads, then over the phrase's tokens), averaged over the calls and min-max normalized
+    over the cells, exceeds `threshold`. hiddens: one [B, h*w, C] per call; text [B, 77, D];
+    phrase_tokens [B][S]: the prompt positions of each subject's phrase (empty: none)."""
+    heads = attn.heads
+    regions = []
+    for i, row in enumerate(phrase_tokens):
+        k = text[i] @ attn.to_k.weight.T
+        d = k.shape[-1] // heads
+        row_regions = []
+        for positions in row:
+            n = hiddens[0].shape[1]
+            total = [0.0] * n
+            for hidden in hiddens:
+                q = hidden[i] @ attn.to_q.weight.T
+                for cell in range(n):
+                    per_head = []
+                    for hd in range(heads):
+                        sl = slice(hd * d, (hd + 1) * d)
+                        p = torch.softmax(q[cell, sl] @ k[:, sl].T / math.sqrt(d), dim=-1)
+                        per_head.append(p)
+                    p = sum(per_head) / heads
+                    total[cell] += float(sum(p[t] for t in positions) / max(len(positions), 1))
+            mean = [t / len(hiddens) for t in total]
+            low, high = min(mean), max(mean)
+            row_regions.append({divmod(c, w) for c in range(n) if (mean[c] - low) / (high - low + 1e-5) > threshold})
+        regions.append(row_regions)
+    return regions
+
+
 def cross_attention(attn, proc, hidden, text, image_tokens, boxes, token_scale, h: int, w: int,
-                    num_dummy: int = 4, queries: int = 16):
+                    num_dummy: int = 4, queries: int = 16, regions=None):
     """The official rules cell by cell: hidden [B, h*w, C], text [B, 77, D], image_tokens
     [B, num_dummy + S*queries, D], boxes nested lists [B][S][4] (zeros: none), token_scale:
-    scale per image token [B][T] (global scale or per-subject; dummy tokens 1)."""
+    scale per image token [B][T] (global scale or per-subject; dummy tokens 1). regions
+    [B][S] (sets of (y, x) cells, e.g. from auto_regions) replace the boxes where given."""
     b, n, _ = hidden.shape
     heads = attn.heads
     out_rows = []
@@ -81,7 +114,10 @@ def cross_attention(attn, proc, hidden, text, image_tokens, boxes, token_scale, 
         row = torch.zeros_like(q)
         for cell in range(n):
             y, x = divmod(cell, w)
-            covering = [j for j, box in enumerate(boxes[i]) if any(box) and in_box(box, y, x, h, w)]
+            if regions is not None:
+                covering = [j for j, cells in enumerate(regions[i]) if (y, x) in cells]
+            else:
+                covering = [j for j, box in enumerate(boxes[i]) if any(box) and in_box(box, y, x, h, w)]
             background = not covering
             bias = []
             for t in range(image_tokens.shape[1]):

@@ -202,19 +202,17 @@ def test_fused_projections_give_the_same_output(unet_copy, auto):
     unfused = run_unet(unet, call, call[2]())
     adapter.fuse_projections(unet)
     adapter.check_installed(unet)
-    with torch.no_grad():  # from here on only the fused copies can carry the weights
+    with torch.no_grad():  # from here on only the fused copies can carry the text path's weights
         for module in unet.modules():
             if hasattr(module, "to_k") and module.fused_projections:
+                if not module.is_cross_attention:  # attn1's to_qkv carries q too
+                    module.to_q.weight.zero_()
                 module.to_k.weight.zero_()
                 module.to_v.weight.zero_()
-        for proc in adapter.cross.values():
-            proc.to_k_ip.weight.zero_()
-            proc.to_v_ip.weight.zero_()
     ms = call[2]()
     fused = run_unet(unet, call, ms)
     torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
     adapter.check_installed(unet, ms)
-    assert sorted(adapter.cross["1"].state_dict()) == ["to_k_ip.weight", "to_v_ip.weight"]  # checkpoint keys kept
 
 
 def test_diffusers_fusion_is_refused_with_the_fix(unet_copy):
@@ -316,7 +314,7 @@ def test_attn2_levels_match_the_cells_each_layer_sees(fresh):
         return record
 
     hooks = [unet.get_submodule(name).register_forward_pre_hook(hook(k)) for k, name in adapter.index.items()]
-    latent = (12, 20)
+    latent = (10, 14)  # H != W, and odd at level 1 (5 x 7): level 2 rounds up to 3 x 4
     pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
     with torch.no_grad():
         unet(torch.randn(1, 4, *latent), 10, torch.randn(1, 77, 96),
@@ -326,6 +324,7 @@ def test_attn2_levels_match_the_cells_each_layer_sees(fresh):
     levels = attn2_levels(unet)
     assert sorted(set(levels.values())) == [1, 2]  # tiny: attention at two of its three levels
     assert seen == {k: math.prod(level_grid(latent, level)) for k, level in levels.items()}
+    assert set(seen.values()) == {5 * 7, 3 * 4}
 
 
 def test_official_checkpoint_loads_strictly(fresh, tmp_path):
@@ -543,6 +542,48 @@ def test_auto_layout_masks_follow_recorded_attention(unet_and_adapter):
     assert torch.equal(fg[0].bool(), inside)
     assert torch.equal(bias[0, 0, :, 4:] == 0, inside.expand(-1, 16))
     assert torch.equal(bias[0, 0, :, :4] == 0, ~inside.expand(-1, 4))
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
+def test_auto_layout_output_matches_reference(unet_and_adapter, grid):
+    """Before start_step the processor's output is the boxes' (reference with boxes); at
+    start_step, the reference's with the regions the auto layout's rules give, computed cell
+    by cell from the text attention of every call so far. Rows: the unconditional one (zero
+    tokens, zero boxes), a two-subject row, and a one-subject row padded to two."""
+    unet, adapter = unet_and_adapter
+    attn, proc = _attn2(unet, adapter)
+    h, w = grid
+    g = torch.Generator().manual_seed(8)
+    hiddens = [torch.randn(3, h * w, attn.to_q.in_features, generator=g) for _ in range(2)]
+    text = torch.randn(3, 77, 96, generator=g)
+    boxes = [[[0, 0, 0, 0], [0, 0, 0, 0]], [[0.0, 0.0, 0.5, 0.6], [0.4, 0.3, 1.0, 1.0]],
+             [[0.2, 0.1, 0.9, 0.8], [0, 0, 0, 0]]]
+    phrase_tokens = [[[], []], [[3], [6, 7]], [[4, 5], []]]
+    tokens = torch.randn(3, 4 + 2 * 16, 96, generator=g)
+    tokens[0] = 0
+    tokens[2, 4 + 16 :] = 0
+    scales = torch.tensor([[0.0, 0.0], [0.7, 0.3], [0.6, 0.0]])
+    token_scale = [[1.0] * 4 + [float(scales[i, j]) for j in range(2) for _ in range(16)] for i in range(3)]
+    phrase = torch.zeros(3, 2, 77)
+    for i, row in enumerate(phrase_tokens):
+        for j, positions in enumerate(row):
+            phrase[i, j, positions] = 1
+    ms = ImageConditioning(tokens, torch.tensor(boxes, dtype=torch.float32), scales, {proc: grid},
+                           phrase_mask=phrase, mask_threshold=0.5, start_step=2)
+    with torch.no_grad():
+        first = proc(attn, hiddens[0], text, ms=ms)
+        second = proc(attn, hiddens[1], text, ms=ms)
+        regions = ref.auto_regions(attn, hiddens, text, phrase_tokens, 0.5, w)
+        args = (attn, proc, hiddens[1], text, tokens, boxes, token_scale, h, w)
+        expected = ref.cross_attention(*args, regions=regions)
+        with_boxes = ref.cross_attention(*args)
+        torch.testing.assert_close(first, ref.cross_attention(attn, proc, hiddens[0], *args[3:]), atol=1e-5, rtol=1e-5)
+    for j in range(2):  # the regions are neither empty nor everything, nor the boxes
+        assert 0 < len(regions[1][j]) < h * w
+    assert regions[1][0] != {(y, x) for y in range(h) for x in range(w) if ref.in_box(boxes[1][0], y, x, h, w)}
+    assert regions[2][1] == set() and regions[0] == [set(), set()]
+    assert not torch.allclose(expected, with_boxes, atol=1e-3)
+    torch.testing.assert_close(second, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_phrase_mask_positions(tmp_path):

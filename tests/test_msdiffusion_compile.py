@@ -27,7 +27,8 @@ def dynamo():
 def test_unet_compiles_once_over_a_sampling_call(tmp_path, dynamo, auto_layout):
     """Three guided steps of a two-subject case: one graph, no graph break, no recompile (the
     auto layout switches from boxes to attention maps at its start step by a tensor select,
-    so it needs no second graph either), and the same image as without compiling."""
+    so it needs no second graph either), the same image as without compiling, and no new
+    graph for the next sampling call of the same shapes."""
     from relationbench.backbones import get_backbone
     from relationbench.methods import Context, Request
     from relationbench.methods.msdiffusion import MSDiffusionMethod, MSDiffusionSettings
@@ -43,3 +44,6 @@ def test_unet_compiles_once_over_a_sampling_call(tmp_path, dynamo, auto_layout):
     assert dynamo["stats"]["unique_graphs"] == 1
     assert not dynamo["graph_break"]
     assert compiled.tobytes() == eager.tobytes()
+    # the next call of the run (a new conditioning, same shapes) reuses the graph
+    method.generate([Request(req[0].case, 1, 5)])
+    assert dynamo["stats"]["unique_graphs"] == 1

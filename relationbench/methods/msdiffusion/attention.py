@@ -17,8 +17,10 @@ boxes that lead the batch, classifier-free guidance's unconditional half, are a 
 left out of the image branch; any other row without boxes contributes exactly zero through
 its all-background mask), and the auto layout keeps fixed-size running sums. So a compiled
 UNet traces once. Fused projections (diffusers' `Attention.fuse_projections`: to_qkv on
-self-attention, to_kv on cross-attention; `MSCrossAttnProcessor.fuse_projections` for the
-image path) are used when present.
+self-attention, to_kv on cross-attention) are used when present. The image path has nothing
+to fuse for: its keys and values are computed once per sampling call, not per step, so a
+fused [to_k_ip; to_v_ip] copy (about 340M parameters on SDXL) would buy one matmul launch
+per layer and call.
 """
 
 from __future__ import annotations
@@ -211,20 +213,12 @@ class MSCrossAttnProcessor(nn.Module):
         super().__init__()
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        # [to_k_ip; to_v_ip] once fused; not persistent: the checkpoint keeps the official keys
-        self.register_buffer("kv_ip_weight", None, persistent=False)
-
-    def fuse_projections(self) -> None:
-        """One matmul for the image keys and values (a copy: fuse after loading weights)."""
-        self.kv_ip_weight = torch.cat([self.to_k_ip.weight.detach(), self.to_v_ip.weight.detach()])
 
     def image_kv(self, tokens: torch.Tensor, token_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [R, T, D], token_scales [R, T] -> keys, values * scales [R, T, inner]."""
-        if self.kv_ip_weight is None:
-            k, v = self.to_k_ip(tokens), self.to_v_ip(tokens)
-        else:
-            k, v = F.linear(tokens, self.kv_ip_weight).chunk(2, dim=-1)
-        return k, v * token_scales.to(v.dtype)[..., None]
+        """tokens [R, T, D], token_scales [R, T] -> keys, values * scales [R, T, inner]
+        (once per sampling call, by ImageConditioning)."""
+        v = self.to_v_ip(tokens)
+        return self.to_k_ip(tokens), v * token_scales.to(v.dtype)[..., None]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  ms: ImageConditioning | None = None):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
-from .model import MSAdapter
+from .model import MSAdapter, some
 
 PARTS = ("image_proj", "ms_adapter", "dummy_image_tokens")
 
@@ -95,8 +95,7 @@ def load_checkpoint(adapter: MSAdapter, state: dict[str, object], path: str | Pa
                   for k in sorted(set(want) & set(got)) if got[k].shape != want[k].shape]  # type: ignore[index]
         for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", shapes)):
             if keys:
-                shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
-                problems.append(f"{part}: {label} {shown}")
+                problems.append(f"{part}: {label} {some(keys, 6)}")
     dummy = state["dummy_image_tokens"]
     if tuple(dummy.shape) != tuple(expected["dummy_image_tokens"].shape):  # type: ignore[union-attr]
         problems.append(f"dummy_image_tokens: shape {tuple(dummy.shape)}, model "  # type: ignore[union-attr]

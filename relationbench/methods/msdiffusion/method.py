@@ -40,7 +40,7 @@ class MSDiffusionSettings:
     offload_image_encoder: bool = False  # move the encoder to the CPU once subjects are encoded
     mask_threshold: float | None = None  # auto layout (official value 0.5): attention maps replace boxes
     start_step: int = 5  # auto layout: from this many recorded steps on
-    fuse_projections: bool = False  # fused q/k/v (text) and k/v (image) matmuls: same images, faster on a GPU
+    fuse_projections: bool = False  # diffusers' fused q/k/v (self) and k/v (text) matmuls: same images
     height: int | None = None  # None: the backbone's resolution
     width: int | None = None
 

@@ -80,8 +80,9 @@ def _live_lora(layer) -> bool:
             and bool(set(layer.active_adapters) - set(layer.merged_adapters)))
 
 
-def _some(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+def some(names: list[str], shown: int = 3) -> str:
+    """The first `shown` names, and how many more (for error messages)."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 class MSAdapter(nn.Module):
@@ -104,15 +105,17 @@ class MSAdapter(nn.Module):
         self.install(unet)
 
     def install(self, unet) -> None:
-        """Put this adapter's processors on every attn2 and parameter-free ones on the rest."""
+        """Put this adapter's processors on every attn2 and the parameter-free one on the rest."""
         unet = _module(unet)
-        unet.set_attn_processor({name: self.cross[str(k)] if k in self.index else SelfAttnProcessor()
+        attn1 = SelfAttnProcessor()
+        unet.set_attn_processor({name: self.cross[str(k)] if k in self.index else attn1
                                  for k, name in enumerate(unet.attn_processors)})
 
     def fuse_projections(self, unet) -> None:
         """What diffusers' `unet.fuse_qkv_projections()` fuses (q/k/v of self-attention, k/v of
-        the text path), plus the image path's k/v, with MS-Diffusion's processors (re)installed:
-        diffusers' call puts its stock processor everywhere, which drops the image conditioning.
+        the text path), with MS-Diffusion's processors (re)installed: diffusers' call puts its
+        stock processor everywhere, which drops the image conditioning. The image path's k/v
+        stay apart: they run once per sampling call, before the loop (attention.py).
 
         The fused weights are copies: fuse after loading the checkpoint and after fusing any
         LoRA (pipe.fuse_lora()); a LoRA still live on a fused projection is refused.
@@ -123,12 +126,10 @@ class MSAdapter(nn.Module):
         modules = {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
         live = [f"{name}.{proj}" for name, m in modules.items() for proj in _fused_away(m, fusing=True)]
         if live:
-            raise UserError(f"fusing projections would bypass the LoRA on {_some(live)}",
+            raise UserError(f"fusing projections would bypass the LoRA on {some(live)}",
                             hint="fuse the LoRA into the weights first (pipe.fuse_lora()), or sample unfused")
         for m in modules.values():
             m.fuse_projections()
-        for proc in self.cross.values():
-            proc.fuse_projections()
         self.install(unet)
 
     def unfuse_projections(self, unet) -> None:
@@ -142,8 +143,6 @@ class MSAdapter(nn.Module):
                     if hasattr(m, name):
                         delattr(m, name)
                 m.fused_projections = False
-        for proc in self.cross.values():
-            proc.kv_ip_weight = None
 
     def check_installed(self, unet, ms: ImageConditioning | None = None) -> None:
         """Raise a UserError unless every attn2 of `unet` runs this adapter's processor, no fused
@@ -169,7 +168,7 @@ class MSAdapter(nn.Module):
         live = [f"{name}.{proj}" for name, m in unet.named_modules() if isinstance(m, Attention)
                 for proj in _fused_away(m, fusing=False)]
         if live:
-            raise UserError(f"the fused projections bypass the LoRA on {_some(live)}, added after fusing",
+            raise UserError(f"the fused projections bypass the LoRA on {some(live)}, added after fusing",
                             hint="load LoRAs before MSAdapter.fuse_projections and fuse them (pipe.fuse_lora())")
         if ms is not None:
             unused = {id(p) for p in ms.unused()}
