@@ -222,11 +222,10 @@ def test_generate_trains_each_lora_once_into_the_bank_and_reuses_it(tmp_path, mo
     entries = {e.name: e for e in bank.entries()}
     assert entries.keys() == {r["lora"] for r in first}
     suite = load_suite("relationbench")
-    assert {tuple(e.info["subjects"]) for e in entries.values()} == {
-        tuple(sorted(s.name for s in suite.case(c).subjects)) for c in CASES.split(",")}
     assert all(e.base == get_backbone("tiny").describe() and e.steps == 2 for e in entries.values())
     for r in first:
         case = suite.case(r["case_id"])
+        assert entries[r["lora"]].info["subjects"] == sorted(s.name for s in case.subjects)  # its own subjects' LoRA
         assert r["prompt"] == case.personalized_prompt(r["identifiers"]) and "sks" in r["prompt"]
         assert scoring_text(case, r) == case.prompt  # the scorer sees the prompt without identifiers
 
@@ -263,6 +262,40 @@ def test_generate_trains_each_lora_once_into_the_bank_and_reuses_it(tmp_path, mo
     method.close()
     assert not method.pipe.get_list_adapters()
     assert not any("lora" in k for k in method.pipe.unet.state_dict())
+
+
+def test_lora_key_holds_what_changes_the_lora_and_nothing_else(tmp_path):
+    """A case's LoRA (its group and bank key) changes with every setting that changes what the
+    LoRA learns, and with no other: sampling settings and the checkpoint interval reuse it."""
+    from relationbench.methods import Context
+    from relationbench.methods.dreambooth import DreamBoothMethod
+
+    make_references(tmp_path / "data", CASES.split(","))
+    case = load_suite("relationbench").case("rb-m-011")
+    ctx = Context(backbone=get_backbone("tiny"), device="cpu", dtype=torch.float32, data_root=tmp_path / "data")
+
+    def key(**changes) -> str:
+        return DreamBoothMethod(DreamBoothSettings(**{**FAST, **changes}), ctx).group(case)
+
+    base = key()
+    same = dict(steps=3, guidance_scale=7.0, negative_prompt="blurry", prompt_prefix="a photo: ", height=128, width=128,
+                cache_dir=str(tmp_path / "elsewhere"), checkpoint_every=1)
+    for name, value in same.items():
+        assert key(**{name: value}) == base, name
+    other = dict(learning_rate=2e-4, rank=8, alpha=8, seed=1, train_steps=3, gradient_accumulation=3, batch_size=2,
+                 resolution=128, identifiers=("zwx", "sks"), mixed_precision="bf16", prior_loss_weight=0.5,
+                 snr_gamma=5.0, train_text_encoder=True, optimizer="adam", max_grad_norm=None,
+                 num_class_images=3, class_steps=3, class_guidance_scale=7.0)  # the last three: the class images
+    keys = {name: key(**{name: value}) for name, value in other.items()}
+    assert base not in keys.values() and len(set(keys.values())) == len(keys)
+    # without prior preservation the class images (and what they are sampled with) play no part
+    plain = key(prior_preservation=False)
+    assert plain != base
+    for name in ("num_class_images", "class_steps", "class_guidance_scale"):
+        assert key(prior_preservation=False, **{name: other[name]}) == plain, name
+    with_image = tmp_path / "data" / case.subjects[0].source / case.subjects[0].dir / "00.jpg"
+    with_image.write_bytes(with_image.read_bytes() + b"\0")  # the reference images' bytes
+    assert key() != base
 
 
 def test_card_tiny_schedule_is_seconds():

@@ -22,14 +22,11 @@ from pathlib import Path
 from typing import ClassVar, Hashable, Sequence
 
 from ...data import reference_images, sha256_file
-from ...errors import UserError
-from ..base import Context, MethodBase, Request, Sample
+from ..base import Context, Request, Sample
 from ..lora.bank import BankAdapters, LoraBank
-from ..sampling import quiet_sliced, sample_sdxl, seeded_noise
+from ..lora.trainer import NOT_LEARNED
+from ..sampling import PipelineMethod, sample_sdxl, seeded_noise
 from .training import Concept, TrainSettings, train_dreambooth
-
-# settings that change how a LoRA is trained but not what it learns: not part of its key
-NOT_IN_KEY = ("checkpoint_every",)
 
 
 @dataclass(frozen=True)
@@ -37,6 +34,7 @@ class DreamBoothSettings(TrainSettings):
     identifiers: tuple[str, ...] = ("sks", "zwx")  # subject i of a set gets identifiers[i]
     num_class_images: int = 100  # prior-preservation images per class (diffusers' default)
     class_steps: int = 30  # sampling steps of the class images
+    class_guidance_scale: float = 5.0  # the class images' guidance (SDXL's default, as diffusers' recipe)
     resolution: int | None = None  # training (and class image) side; None: the backbone's (1024 on sdxl)
     # sampling
     steps: int = 30  # Euler, as every baseline (RelationBooth appendix 6.1)
@@ -59,7 +57,7 @@ class DreamBoothSettings(TrainSettings):
                 raise ValueError(f"height, width and resolution must be multiples of 8, got {side}")
 
     def train(self) -> TrainSettings:
-        return TrainSettings(**{name: getattr(self, name) for name in TrainSettings.__dataclass_fields__})
+        return TrainSettings.of(self)
 
 
 def _cache_root(settings: DreamBoothSettings) -> Path:
@@ -72,30 +70,22 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class DreamBoothMethod(MethodBase):
+class DreamBoothMethod(PipelineMethod):
     Settings = DreamBoothSettings
     weights: ClassVar[tuple[str, ...]] = ("sdxl",)
     needs_references: ClassVar[bool] = True
 
     def __init__(self, settings: DreamBoothSettings, context: Context):
-        self.settings = settings
-        self.context = context
+        super().__init__(settings, context)
         self.bank = LoraBank(_cache_root(settings) / "loras")
-        self._pipe = None
         self._adapters: BankAdapters | None = None
         self._keys: dict[tuple, str] = {}
 
     def load(self) -> None:
         """The backbone's (shared, cached) SDXL pipeline; the LoRAs load per group later."""
-        if self._pipe is None:
-            ctx = self.context
-            self._pipe = quiet_sliced(ctx.backbone.sdxl_pipeline(device=ctx.device, dtype=ctx.dtype))
+        super().load()
+        if self._adapters is None:
             self._adapters = BankAdapters(self._pipe, self.bank)
-
-    @property
-    def pipe(self):
-        self.load()
-        return self._pipe
 
     @property
     def adapters(self) -> BankAdapters:
@@ -103,25 +93,14 @@ class DreamBoothMethod(MethodBase):
         return self._adapters  # type: ignore[return-value]
 
     def resolution(self) -> int:
+        """The training (and class image) side."""
         return self.settings.resolution or self.context.backbone.resolution
-
-    def size(self) -> tuple[int, int]:
-        res = self.context.backbone.resolution
-        return (self.settings.height or res, self.settings.width or res)
 
     # -- subject sets and their LoRAs ---------------------------------------------------------------
     @staticmethod
     def subject_set(case) -> tuple:
         """The subjects a LoRA is trained on, in a fixed order (the same pair in any case order)."""
         return tuple(sorted(case.subjects, key=lambda s: s.name))
-
-    def check(self, cases) -> None:
-        """Every case's subjects need an identifier each."""
-        n = len(self.settings.identifiers)
-        for case in cases:
-            if len(case.subjects) > n:
-                raise UserError(f"case {case.id} has {len(case.subjects)} subjects but only {n} identifiers are set",
-                                hint="add identifiers to the card (--set identifiers=...)")
 
     def identifiers(self, case) -> list[str]:
         """The identifier of each of the case's subjects, in case order."""
@@ -139,12 +118,13 @@ class DreamBoothMethod(MethodBase):
 
     def _lora_key(self, subjects: tuple) -> str:
         images = {s.name: [sha256_file(p) for p in reference_images(s, self.context.data_root)] for s in subjects}
-        train = {k: v for k, v in asdict(self.settings.train()).items() if k not in NOT_IN_KEY}
-        train.update(num_class_images=self.settings.num_class_images, class_steps=self.settings.class_steps,
-                     resolution=self.resolution(), identifiers=self.settings.identifiers[: len(subjects)])
-        if self.settings.prior_preservation:  # the class images it trains on are sampled with this guidance
-            train["class_guidance_scale"] = self.settings.guidance_scale
-        return _digest({"subjects": [[s.name, s.class_noun] for s in subjects], "images": images, "train": train,
+        s = self.settings
+        train = {k: v for k, v in asdict(s.train()).items() if k not in NOT_LEARNED}
+        train.update(resolution=self.resolution(), identifiers=s.identifiers[: len(subjects)])
+        if s.prior_preservation:  # the class images it trains on
+            train.update(num_class_images=s.num_class_images, class_steps=s.class_steps,
+                         class_guidance_scale=s.class_guidance_scale)
+        return _digest({"subjects": [[x.name, x.class_noun] for x in subjects], "images": images, "train": train,
                         "backbone": self.context.backbone.describe(), "dtype": str(self.context.dtype)})
 
     def prepare(self, cases) -> None:
@@ -179,19 +159,19 @@ class DreamBoothMethod(MethodBase):
 
         s = self.settings
         key = _digest({"class": class_noun, "backbone": self.context.backbone.describe(), "steps": s.class_steps,
-                       "guidance": s.guidance_scale, "resolution": self.resolution(), "dtype": str(self.context.dtype)})
+                       "guidance": s.class_guidance_scale, "resolution": self.resolution(), "dtype": str(self.context.dtype)})
         folder = _cache_root(s) / "class_images" / f"{re.sub(r'[^a-z0-9]+', '_', class_noun.lower())}-{key}"
         folder.mkdir(parents=True, exist_ok=True)
         paths = [folder / f"{i:04d}.png" for i in range(s.num_class_images)]
         missing = [i for i, p in enumerate(paths) if not p.is_file()]
         pipe, size = self.pipe, self.resolution()
+        shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
         for start in tqdm(range(0, len(missing), 4), desc=f"class images: a {class_noun}", unit="batch",
                           disable=self.context.quiet or not missing):
             chunk = missing[start : start + 4]  # image i: seed i
-            shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
             with torch.inference_mode():
                 images = pipe(prompt=[f"a {class_noun}"] * len(chunk), num_inference_steps=s.class_steps,
-                              guidance_scale=s.guidance_scale, height=size, width=size,
+                              guidance_scale=s.class_guidance_scale, height=size, width=size,
                               latents=seeded_noise(chunk, shape, self.context.device, pipe.unet.dtype),
                               output_type="pil").images
             for i, image in zip(chunk, images):

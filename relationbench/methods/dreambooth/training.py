@@ -144,8 +144,7 @@ class DreamBoothBatches:
     batch_size: int
     scaling_factor: float
     num_train_timesteps: int
-    dtype: torch.dtype
-    device: torch.device
+    dtype: torch.dtype  # the UNet's
 
     def _pick(self, pool: list[Example], gen: torch.Generator) -> list[Example]:
         return [pool[int(i)] for i in torch.randint(len(pool), (self.batch_size,), generator=gen)]
@@ -155,7 +154,7 @@ class DreamBoothBatches:
         latents = torch.cat([self.dists[e.image].sample(generator=gen) for e in rows])
         latents = (latents * self.scaling_factor).to(self.dtype)
         noise = torch.randn(latents.shape, generator=gen).to(latents)
-        t = torch.randint(0, self.num_train_timesteps, (len(rows),), generator=gen).to(self.device)
+        t = torch.randint(0, self.num_train_timesteps, (len(rows),), generator=gen).to(latents.device)
         return Batch(rows, latents, noise, t)
 
 
@@ -218,7 +217,7 @@ def train_dreambooth(pipe, concepts: Sequence[Concept], settings: TrainSettings,
         embeds = None if s.train_text_encoder else dict(zip(prompts, zip(*_encode_prompts(pipe, prompts, device))))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     batches = DreamBoothBatches(instance, classes, dists, s.batch_size, vae.config.scaling_factor,
-                                scheduler.config.num_train_timesteps, pipe.unet.dtype, torch.device(device))
+                                scheduler.config.num_train_timesteps, pipe.unet.dtype)
     loss = DreamBoothLoss(pipe, scheduler, s, sizes, resolution, embeds)
     encoders = [LoraTarget(pipe.text_encoder, TEXT_TARGETS, "text_encoder"),
                 LoraTarget(pipe.text_encoder_2, TEXT_TARGETS, "text_encoder_2")] if s.train_text_encoder else []

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ...errors import UserError
+from ...runs import atomic_write_text
 from .files import SETTINGS_NAME, WEIGHT_NAME
 
 if TYPE_CHECKING:
@@ -131,10 +132,8 @@ class LoraBank:
         with FileLock(str(self.index_path) + ".lock"):
             entries = self._read()
             entries[name] = entry
-            tmp = self.index_path.with_name(f".{INDEX_NAME}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": INDEX_VERSION,
-                                       "loras": {k: asdict(e) for k, e in sorted(entries.items())}}, indent=2) + "\n")
-            os.replace(tmp, self.index_path)
+            atomic_write_text(self.index_path, json.dumps(
+                {"version": INDEX_VERSION, "loras": {k: asdict(e) for k, e in sorted(entries.items())}}, indent=2) + "\n")
         return entry
 
 

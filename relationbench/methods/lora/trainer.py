@@ -15,8 +15,9 @@ and gets a folder in the diffusers LoRA format:
 Under `accelerate launch` every process trains the same LoRA on its own batches (its own
 generator); gradients are averaged across processes at each optimizer step, so all processes
 hold identical weights and only the main one writes. With data_parallel=False each process
-trains a LoRA of its own, alone (a sharded `relbench generate`: each trains its cases' LoRAs). The generator is the batches' only
-randomness, so checkpointing its state makes a resumed run draw the same batches.
+trains a LoRA of its own, alone (a sharded `relbench generate`: each trains its cases' LoRAs).
+The generator is the batches' only randomness, so checkpointing its state makes a resumed run
+draw the same batches.
 The output folder appears only when complete (written beside it, then renamed); checkpoints
 live beside it too (.<name>.checkpoints/step-N) and are removed once the LoRA is saved.
 """
@@ -40,6 +41,7 @@ from .files import LOSS_LOG_NAME, SETTINGS_NAME, WEIGHT_NAME, read_loss_log, wri
 
 ADAPTER = "relbench-train"  # the adapter name while training; never saved
 PREFIXES = ("unet", "text_encoder", "text_encoder_2")  # the diffusers SDXL LoRA file's model prefixes
+NOT_LEARNED = ("checkpoint_every",)  # settings that change how a LoRA trains, not what it learns
 
 BatchSource = Callable[[torch.Generator], Any]
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -79,9 +81,10 @@ class TrainerSettings:
     def lora_alpha(self) -> float:
         return self.rank if self.alpha is None else self.alpha
 
-    def trainer_settings(self) -> "TrainerSettings":
-        """The trainer's own fields (for subclasses that add a caller's settings)."""
-        return TrainerSettings(**{k: getattr(self, k) for k in TrainerSettings.__dataclass_fields__})
+    @classmethod
+    def of(cls, settings: Any):
+        """This class's fields of `settings` (e.g. a method's settings, a subclass with more)."""
+        return cls(**{k: getattr(settings, k) for k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ def train_lora(
     from accelerate.state import AcceleratorState
     from tqdm.auto import tqdm
 
-    s = settings.trainer_settings()
+    s = TrainerSettings.of(settings)
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists: a trained LoRA is never overwritten")
@@ -359,7 +362,7 @@ class _Checkpoints:
             return 0, []
         state = json.loads((folder / "state.json").read_text())
         saved = {k: v for k, v in state.items() if k not in ("step", "processes")}
-        if saved != self.record or state["processes"] != self.group.count:
+        if _what_it_learns(saved) != _what_it_learns(self.record) or state["processes"] != self.group.count:
             raise UserError(f"the checkpoint in {folder} was written by a training with other settings or "
                             f"another number of processes ({state['processes']})",
                             path=folder, hint="train with the same settings to resume, or delete the folder")
@@ -376,6 +379,11 @@ class _Checkpoints:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _what_it_learns(record: dict) -> dict:
+    """A settings record less NOT_LEARNED: a training may resume under another checkpoint interval."""
+    return {**record, "settings": {k: v for k, v in record["settings"].items() if k not in NOT_LEARNED}}
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
