@@ -185,20 +185,23 @@ def make_run(folder: Path, suite, items, size: int, threads: int = 4) -> Path:
     from relationbench.runs import SEED_RULE, RunDir, sample_seed
 
     run = RunDir(folder)
+    suite_bytes = Path(suite.path).read_bytes()
     run.start({
-        "suite": {"name": suite.name, "version": suite.version},
+        "suite": {"name": suite.name, "version": suite.version,
+                  "file_sha256": hashlib.sha256(suite_bytes).hexdigest()},
         "method": {"name": "synthetic"},
         "backbone": {"name": "tiny"},
         "dtype": "fp32",
         "images_per_case": max(k for _, k in items) + 1,
         "seed_rule": SEED_RULE,
     })
+    run.keep_suite(suite_bytes, json_file=Path(suite.path).suffix == ".json")
 
     def write(item):
         case, k = item
         seed = sample_seed(case.seed, k)
-        rel = run.save_image(case.id, k, photo_like(size, seed))
-        return {"case_id": case.id, "index": k, "seed": seed, "path": rel, "kind": case.kind,
+        file = run.save_image(case.id, k, photo_like(size, seed))
+        return {"case_id": case.id, "index": k, "seed": seed, **file, "kind": case.kind,
                 "subjects": [s.name for s in case.subjects]}
 
     with ThreadPoolExecutor(max_workers=threads) as pool:  # Pillow releases the GIL while encoding PNG
@@ -295,7 +298,8 @@ class Raw:
 
 def decode_costs(files: list[Path]) -> dict[str, float]:
     """Milliseconds per image of each step a decoding worker takes, one process."""
-    from relationbench.metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS, decode
+    from relationbench.images import read_image
+    from relationbench.metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS
 
     ms: dict[str, float] = defaultdict(float)
     for f in files:
@@ -304,7 +308,7 @@ def decode_costs(files: list[Path]) -> dict[str, float]:
         t1 = time.perf_counter()
         hashlib.sha256(data).hexdigest()
         t2 = time.perf_counter()
-        image = decode(data)
+        image = read_image(data)
         t3 = time.perf_counter()
         CLIP_PREPROCESS(image)
         t4 = time.perf_counter()

@@ -17,7 +17,7 @@ and second concept). Every pair gets every prompt of its file: 101 x 12 = 1212 m
   [[0.05, 0.2, 0.5, 0.9], [0.5, 0.2, 0.95, 0.9]], first concept left (CustomConcept101 has no
   layout). Seed: stable_seed(id), as for DreamBench.
 - Predicate (CLIP-R's relation phrase): extracted here, once, with spaCy's English model
-  (relationbench.suites.predicates, backend "model"; the rule-based fallback differs on 42 of
+  (relationbench.suites.predicates, backend "model"; the rule-based fallback differs on 26 of
   these prompts, so the script refuses to run without the model). Stored where the prompt has
   one; the suite's `predicates:` names the model, so a case without one has no relation.
 
@@ -119,7 +119,7 @@ def build_suite(src: Path, license_text: str) -> dict:
             )
     return {
         "suite": "customconcept101-multi",
-        "version": 1,
+        "version": 2,  # 2: multi-word predicates kept whole ("stepping out of")
         "description": (
             "CustomConcept101 multi-concept benchmark (Custom Diffusion, Kumari et al., CVPR 2023):"
             f" {len(pairs)} concept pairs x the 12 prompts of their composition file = {len(cases)} cases,"

@@ -138,9 +138,9 @@ def prompts_draw(suite, kind, limit, out):
 def prompts_import(file, name, mapping, subjects_from, out, force):
     """Turn a JSON/JSONL/CSV case list into a suite (columns: see `relbench prompts import --help`).
 
-    Fields: id, kind, subjects, prompt, predicate, boxes, seed; only prompt and subjects are
-    required (defaults: ids from the name, kind from the subject count, predicate by spaCy,
-    standard boxes, seeds from the id).
+    Fields: id, kind, subjects, prompt, predicate, predicate_source, boxes, seed; only prompt
+    and subjects are required (defaults: ids from the name, kind from the subject count,
+    predicate by spaCy, marked `predicate_source:` for review, standard boxes, seeds from the id).
     """
     from .suites import load_suite, prompts_dir
     from .suites.importer import import_cases, write_suite
@@ -149,6 +149,10 @@ def prompts_import(file, name, mapping, subjects_from, out, force):
     out = out or prompts_dir() / f"{name}.yaml"
     write_suite(data, out, force=force)
     click.echo(f"wrote {len(data['cases'])} cases to {out}")
+    marked = [c for c in data["cases"] if "predicate_source" in c]
+    if marked:
+        click.echo(f"{len(marked)} predicate(s) extracted by a program, each marked `predicate_source:` for review: "
+                   "check it against its prompt, correct it if needed, then delete the mark")
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -273,8 +277,19 @@ def generate_cmd(method, set_values, suite, backbone, weights, limit, cases, kin
         limit=limit, cases=cases, kind=kind, images_per_case=images_per_case, batch_size=batch_size,
         out=out, device=device, dtype=dtype, data_dir=data_dir, quiet=quiet, batch_invariant=batch_invariant,
     ))
-    click.echo(f"{summary.run_dir}: {summary.generated} generated, {summary.skipped} already done "
+    replaced = f" ({len(summary.replaced)} replaced: {_listing(summary.replaced)})" if summary.replaced else ""
+    click.echo(f"{summary.run_dir}: {summary.generated} generated{replaced}, {summary.skipped} already done "
                f"({summary.seconds:.1f} s)")
+    if summary.dropped:
+        click.echo(f"{len(summary.dropped)} image(s) of cases not selected now failed their check and left the "
+                   f"manifest (made again when selected): {_listing(summary.dropped)}", err=True)
+
+
+def _listing(items, limit: int = 5) -> str:
+    """'a; b; c' for (path, why) pairs or paths, the first `limit` and how many more."""
+    shown = [" ".join(item) if isinstance(item, tuple) else str(item) for item in items[:limit]]
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return "; ".join(shown) + more
 
 
 # -- convert ------------------------------------------------------------------------------
@@ -363,6 +378,16 @@ def score_cmd(paths, protocol, clip_arch, backbone, weights, device, dtype, batc
     click.echo(f"{len(summary.runs)} run(s): {summary.scored} image(s) scored, {summary.skipped} already scored "
                f"({summary.seconds:.1f} s)")
     click.echo("leaderboard: " + ", ".join(str(p) for p in written))
+    if summary.stale_rows:
+        click.echo(f"dropped {summary.stale_rows} score row(s) whose image was regenerated or removed since it "
+                   "was scored", err=True)
+    for drift in summary.suite_drift:
+        click.echo(f"warning: {drift.run}: the suite file {drift.current} differs from the copy the run was "
+                   f"generated from ({drift.copy}); scored with the copy. Differs: {_listing(drift.changes)}",
+                   err=True)
+    if summary.constant_images:
+        click.echo(f"warning: {len(summary.constant_images)} image(s) are one flat colour (all pixels equal, e.g. "
+                   f"the black images of NaN latents), scored anyway: {_listing(summary.constant_images)}", err=True)
     if summary.missing_references:
         click.echo("no reference images, CLIP-I and DINO left empty for: " + "; ".join(summary.missing_references),
                    err=True)

@@ -474,17 +474,13 @@ def _check_complete(spec: DatasetSpec, stage: Path, label: str) -> None:
 
 
 def _undecodable(path: Path) -> str | None:
-    """None when PIL can read the image, else the reason."""
-    from PIL import Image
+    """None when the project's image reader accepts the file (whole pixel data), else the reason."""
+    from .images import read_image
 
     try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:  # verify() skips the pixel data of JPEGs: decode a draft
-            im.draft("RGB", (64, 64))
-            im.load()
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        return f"{type(exc).__name__}: {exc}"
+        read_image(path)
+    except UserError as exc:
+        return exc.message
     return None
 
 

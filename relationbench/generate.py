@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import os
 import subprocess
 import time
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .data import data_root, require_images, sha256_file
+from .data import data_root, require_images
 from .errors import UserError
 from .methods.cards import parse_set
-from .runs import SEED_RULE, RunDir, sample_seed
+from .runs import SEED_RULE, RunDir, image_key, sample_seed
 from .suites import Case, Suite, load_suite
 
 
@@ -67,6 +68,10 @@ class GenerateSummary:
     generated: int
     skipped: int
     seconds: float
+    # images whose manifest line failed the rerun's check, as (path, why): made again when
+    # selected (`replaced`); otherwise only dropped from the manifest until they are
+    replaced: list[tuple[str, str]] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def select_cases(suite: Suite, ids: Sequence[str] = (), kind: str | None = None, limit: int | None = None) -> list[Case]:
@@ -149,14 +154,16 @@ class Shard:
             raise UserError(message)
 
 
-def run_meta(suite: Suite, card, backbone, dtype_name: str, images_per_case: int) -> dict:
-    """What run.json records: enough to say exactly how every image was made."""
+def run_meta(suite: Suite, suite_bytes: bytes, card, backbone, dtype_name: str, images_per_case: int) -> dict:
+    """What run.json records: enough to say exactly how every image was made. `suite_bytes`:
+    the suite file as read once, hashed here and kept as the run's copy."""
     import diffusers
     import torch
     import transformers
 
     return {
-        "suite": {"name": suite.name, "version": suite.version, "file_sha256": sha256_file(Path(suite.path))},
+        "suite": {"name": suite.name, "version": suite.version,
+                  "file_sha256": hashlib.sha256(suite_bytes).hexdigest()},
         "suite_path": str(Path(suite.path).resolve()),  # where the scorer finds it (not part of the identity)
         "method": card.describe(backbone.is_tiny),  # resolved settings; a tiny schedule is named
         "backbone": backbone.describe(),
@@ -206,9 +213,11 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
         raise
     run = RunDir(opts.out or default_out(suite.name, card.name, backbone.name))
 
-    # 2. the run folder: one launch writes it; the main process locks, repairs, records
-    meta = run_meta(suite, card, backbone, dtype_name(dtype), per_case) if shard.main else None
-    with contextlib.closing(method), _main_lock(run, shard, meta):
+    # 2. the run folder: one launch writes it; the main process locks, repairs, records,
+    # checks every finished image and drops the lines that fail (made again below)
+    suite_bytes = Path(suite.path).read_bytes() if shard.main else b""
+    meta = run_meta(suite, suite_bytes, card, backbone, dtype_name(dtype), per_case) if shard.main else None
+    with contextlib.closing(method), _main_lock(run, shard, meta, suite_bytes) as main_lock:
         done = run.finished()
         mine = shard.take(cases)
         work = [
@@ -234,17 +243,21 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
                 if len(samples) != len(batch):
                     raise RuntimeError(f"{card.adapter} returned {len(samples)} images for {len(batch)} requests")
                 per_image = round((time.perf_counter() - t0) / len(batch), 4)
-                paths = writers.map(lambda pair: run.save_image(pair[0].case.id, pair[0].index, pair[1].image),
+                files = writers.map(lambda pair: run.save_image(pair[0].case.id, pair[0].index, pair[1].image),
                                     zip(batch, samples))
                 run.append([
-                    {"case_id": req.case.id, "index": req.index, "seed": req.seed, "path": path,
+                    {"case_id": req.case.id, "index": req.index, "seed": req.seed, **file,
                      "kind": req.case.kind, "subjects": [s.name for s in req.case.subjects],
                      "time_s": per_image, "device": device, "rank": shard.rank, **sample.meta}
-                    for req, sample, path in zip(batch, samples, paths)
+                    for req, sample, file in zip(batch, samples, files)
                 ])
                 bar.update(len(batch))
         shard.barrier()
-    return GenerateSummary(run.root, len(work), skipped, time.perf_counter() - start)
+    selected = {(c.id, k) for c in cases for k in range(per_case)}
+    failed = [(image_key(line), (str(line.get("path")), why)) for line, why in main_lock.dropped]
+    return GenerateSummary(run.root, len(work), skipped, time.perf_counter() - start,
+                           replaced=[f for key, f in failed if key in selected],
+                           dropped=[f for key, f in failed if key not in selected])
 
 
 def group_batches(work: Sequence, group, batch_size: int) -> list[list]:
@@ -265,12 +278,14 @@ def _generate_padded(method, batch: list, min_batch: int) -> list:
 
 
 class _main_lock:
-    """The main process holds the run lock for the whole launch, repairs the folder and
-    writes run.json; the others start only once it has, or stop with its error."""
+    """The main process holds the run lock for the whole launch, repairs the folder, writes
+    run.json and the suite's copy, and checks the manifest against the images (`dropped`:
+    the lines that failed); the others start only once it has, or stop with its error."""
 
-    def __init__(self, run: RunDir, shard: Shard, meta: dict | None):
-        self.run, self.shard, self.meta = run, shard, meta
+    def __init__(self, run: RunDir, shard: Shard, meta: dict | None, suite_bytes: bytes):
+        self.run, self.shard, self.meta, self.suite_bytes = run, shard, meta, suite_bytes
         self.held = contextlib.ExitStack()
+        self.dropped: list[tuple[dict, str]] = []
 
     def __enter__(self):
         error = ""
@@ -279,6 +294,9 @@ class _main_lock:
                 self.held.enter_context(self.run.lock())
                 self.run.repair()
                 self.run.start(self.meta)
+                # start() refused a different suite file, so an existing copy holds these bytes
+                self.run.keep_suite(self.suite_bytes, json_file=Path(self.meta["suite_path"]).suffix == ".json")
+                self.dropped = self.run.check_manifest().dropped
             except UserError as exc:
                 self.held.close()
                 error = exc.render()

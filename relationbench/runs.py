@@ -1,7 +1,9 @@
 """The results layout of one run, and the rules that make it resumable and safe.
 
     <run>/run.json          what made the run (suite, card, backbone, versions, seed rule)
-    <run>/manifest.jsonl    one line per finished image
+    <run>/suite.yaml        the exact bytes of the suite file the run was generated from
+                            (suite.json for a JSON suite): scoring reads its cases from here
+    <run>/manifest.jsonl    one line per finished image, with the file's size and sha256
     <run>/images/<case_id>/<k>.png
     <run>/scores.csv        one row per scored image and protocol (relbench score)
 
@@ -9,6 +11,8 @@ An image counts only once its manifest line exists. Images are written under a t
 name, flushed and renamed, then the line is appended (one write, under a file lock), so a
 process killed at any moment loses at most the batch in flight and never counts a partial
 file. One writer (launch) per run folder, enforced by an exclusive lock on <run>/.lock.
+A rerun first checks every line against its file (size and sha256) and rewrites the manifest
+with one checked line per (case, sample), so what it counts as done is what is on disk.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
-import io
 import hashlib
+import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .data import sha256_file
 from .errors import UserError
 
 RUN_JSON = "run.json"
@@ -30,12 +37,14 @@ MANIFEST = "manifest.jsonl"
 IMAGES = "images"
 LOCK = ".lock"
 SCORES = "scores.csv"
+SUITE_COPIES = ("suite.yaml", "suite.json")  # the run's copy of its suite file (JSON kept as JSON)
 SCORE_LOCK = ".score.lock"  # the scorer's own lock: scoring may run while generate appends
 # scores.csv's columns, in file order: the scorer writes them, the report reads them, and a
 # file with any other header is refused (it was written by another version: rescore it).
 # predicate_source: where CLIP-R's predicate came from ("suite": the suite file; a spaCy model
-# id when extracted at score time, also when the model found none; empty when the suite file
-# says the case has no relation).
+# id when extracted at score time, also when the model found none, or when the suite file
+# marks its stored predicate as extracted and unreviewed; empty when the suite file says the
+# case has no relation).
 SCORE_COLUMNS = (
     "case_id", "index", "kind", "subject_1", "subject_2", "clip_t", "clip_r", "clip_i", "dino",
     "clip_i_1", "clip_i_2", "dino_1", "dino_2", "text", "predicate", "predicate_source", "protocol",
@@ -56,13 +65,32 @@ def sample_seed(case_seed: int, index: int) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write under a temporary name, flush to disk, rename into place: readers see the old
+    file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def image_key(record: dict[str, Any]) -> tuple[str, int]:
+    """(case_id, index): what a manifest line or a scores.csv row is the image of."""
+    return record["case_id"], int(record["index"])
+
+
+@dataclass
+class Checked:
+    """What RunDir.check_manifest found: the lines kept and the lines dropped, with why."""
+
+    kept: list[dict[str, Any]]  # one line per (case, sample), each matching its file
+    dropped: list[tuple[dict[str, Any], str]]  # (line, why: "missing", "changed on disk", ...)
 
 
 class RunDir:
@@ -155,33 +183,91 @@ class RunDir:
                 continue
         return out
 
+    def latest(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """The current line of each (case, sample): a later line (a regenerated image) wins."""
+        return _latest(self.records())
+
     def finished(self) -> set[tuple[str, int]]:
-        """(case_id, index) of every image the manifest holds and the disk still has."""
-        return {
-            (r["case_id"], int(r["index"]))
-            for r in self.records()
-            if (self.root / r["path"]).is_file()
-        }
+        """(case_id, index) of every image the manifest holds and the disk still has (after
+        check_manifest, which the main process runs first, every such file is whole)."""
+        return {key for key, r in self.latest().items() if (self.root / r["path"]).is_file()}
+
+    def check_manifest(self) -> Checked:
+        """Check each (case, sample)'s current line against its file, then rewrite the manifest
+        atomically with the lines that pass, one per (case, sample).
+
+        A line with a size and sha256 passes when the file has both (hashed once, in threads:
+        sha256 runs at ~1 GB/s and releases the GIL); a line of an older version without them
+        passes when its file decodes fully, and is given them. Call only while holding the
+        writer's lock, before anything appends.
+        """
+        lines = self.records()
+        latest = _latest(lines)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(self._check_line, latest.values()))
+        checked = Checked(kept=[], dropped=[])
+        for line, (good, why) in zip(latest.values(), results):
+            if good is None:
+                checked.dropped.append((line, why))
+            else:
+                checked.kept.append(good)
+        if checked.kept != lines:
+            atomic_write_text(self.manifest, "".join(_manifest_line(r) for r in checked.kept))
+        return checked
+
+    def _check_line(self, line: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """(the line, possibly given its size and hash; "") if its file is what it says, else
+        (None, why)."""
+        path = self.root / str(line.get("path", ""))
+        if not line.get("path") or not path.is_file():
+            return None, "missing"
+        if "sha256" in line:
+            if path.stat().st_size != line.get("bytes") or sha256_file(path) != line["sha256"]:
+                return None, "changed on disk"
+            return line, ""
+        from .images import read_image
+
+        data = path.read_bytes()
+        try:
+            read_image(data, name=path)
+        except UserError:
+            return None, "not a readable image"
+        return {**line, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, ""
 
     def image_relpath(self, case_id: str, index: int) -> str:
         return f"{IMAGES}/{case_id}/{index}.png"
 
-    def save_image(self, case_id: str, index: int, image) -> str:
-        """Write a PNG under a temporary name, flush it to disk, rename it into place."""
+    def save_image(self, case_id: str, index: int, image) -> dict[str, Any]:
+        """Write a PNG under a temporary name, flush it to disk, rename it into place.
+
+        Returns its manifest fields: path, bytes (file size) and sha256, both of the encoded
+        bytes as written, so nothing reads the file back to record them.
+        """
         rel = self.image_relpath(case_id, index)
         final = self.root / rel
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        return rel
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getbuffer()
+        atomic_write_bytes(final, data)
+        return {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def append(self, records: list[dict[str, Any]]) -> None:
         """Append manifest lines in one locked write (several shard processes may append)."""
-        _append_locked(self.manifest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+        _append_locked(self.manifest, "".join(_manifest_line(r) for r in records).encode())
+
+    # -- the suite's copy -------------------------------------------------------------------
+    def suite_copy(self) -> Path | None:
+        """The copy of the suite file the run was generated from; None in a run made before
+        runs kept one."""
+        return next((p for p in (self.root / n for n in SUITE_COPIES) if p.is_file()), None)
+
+    def keep_suite(self, data: bytes, json_file: bool = False) -> Path:
+        """Keep the suite file's bytes as the run's copy (rewritten only if they differ)."""
+        path = self.root / SUITE_COPIES[1 if json_file else 0]
+        if not path.is_file() or path.read_bytes() != data:
+            atomic_write_bytes(path, data)
+        return path
 
     # -- scores ---------------------------------------------------------------------------
     def read_scores(self) -> list[dict[str, str]]:
@@ -206,12 +292,37 @@ class RunDir:
     def append_scores(self, rows: list[dict]) -> None:
         """Append rows (keys: SCORE_COLUMNS) to scores.csv in one locked write, with the header
         if the file is new."""
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=SCORE_COLUMNS, lineterminator="\n")
-        if not self.scores.exists() or self.scores.stat().st_size == 0:
-            writer.writeheader()
-        writer.writerows(rows)
-        _append_locked(self.scores, buf.getvalue().encode())
+        new = not self.scores.exists() or self.scores.stat().st_size == 0
+        _append_locked(self.scores, _csv_text(rows, header=new).encode())
+
+    def write_scores(self, rows: list[dict]) -> None:
+        """Replace scores.csv with these rows, atomically. Call while holding SCORE_LOCK."""
+        atomic_write_text(self.scores, _csv_text(rows, header=True))
+
+
+def _csv_text(rows: list[dict], header: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SCORE_COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _latest(lines: list[Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The last line of each (case, sample); a line without them (not one generate wrote) is
+    skipped, and check_manifest's rewrite drops it."""
+    out = {}
+    for line in lines:
+        try:
+            out[image_key(line)] = line
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def _manifest_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
 
 
 def _drop_torn_tail(path: Path) -> None:

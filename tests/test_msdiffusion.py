@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from relationbench.backbones import build_tiny_components
 from relationbench.cli import cli
 from relationbench.errors import UserError
-from relationbench.methods.msdiffusion.attention import ImageConditioning, box_cells, level_grid
+from relationbench.methods.msdiffusion.attention import ImageConditioning, box_cells, level_grid, phrase_attention
 from relationbench.methods.msdiffusion.checkpoint import convert, load_checkpoint, read_checkpoint
 from relationbench.methods.msdiffusion.model import MSAdapter, attn2_levels, attn2_modules
 from relationbench.methods.msdiffusion.resampler import GroundingResampler, ResamplerConfig, fourier_box_embedding
@@ -129,6 +129,65 @@ def test_processor_matches_reference(unet_and_adapter, case, grid, per_subject):
         if not any(any(bx) for bx in row):
             assert torch.equal(ours[i], text_only[i])
     assert ms.calls.tolist() == [2]
+
+
+def _rows(rows: list[tuple[torch.Tensor, list, list[int]]]):
+    """Rows (tokens [4 + S_i * 16, D], boxes [S_i][4], phrase token positions per subject) packed as
+    MSAdapter.conditioning packs them: zero tokens, boxes and scales where a row has fewer subjects."""
+    s_max = max(len(boxes) for _, boxes, _ in rows)
+    b, d = len(rows), rows[0][0].shape[-1]
+    tokens, boxes = torch.zeros(b, 4 + s_max * 16, d), torch.zeros(b, s_max, 4)
+    scales, phrases = torch.zeros(b, s_max), torch.zeros(b, s_max, 77)
+    for i, (tok, bx, positions) in enumerate(rows):
+        tokens[i, : tok.shape[0]] = tok
+        boxes[i, : len(bx)], scales[i, : len(bx)] = torch.tensor(bx), 0.6
+        for j, at in enumerate(positions):
+            phrases[i, j, at] = 1.0
+    return tokens, boxes, scales, phrases
+
+
+@pytest.mark.parametrize("auto", [False, True], ids=["boxes", "auto_layout"])
+def test_a_padded_subject_slot_changes_no_bit(unet_and_adapter, auto):
+    """Rows of one and two subjects in one batch give, bit for bit, what batches of their own
+    kind give: the padding slot of a one-subject row is exactly neutral (over three calls, the
+    auto layout switching to attention maps at the second)."""
+    unet, adapter = unet_and_adapter
+    attn, proc = _attn2(unet, adapter)
+    g = torch.Generator().manual_seed(4)
+    hidden, text = torch.randn(4, 16, attn.to_q.in_features, generator=g), torch.randn(4, 77, 96, generator=g)
+    one = (torch.randn(20, 96, generator=g), [[0.1, 0.0, 0.7, 0.6]], [3])
+    two = (torch.randn(36, 96, generator=g), [[0.2, 0.2, 0.9, 0.7], [0.5, 0.0, 1.0, 0.6]], [3, 6])
+
+    def outputs(rows):
+        tokens, boxes, scales, phrases = _rows(rows)
+        ms = ImageConditioning(tokens, boxes, scales, {proc: (4, 4)}, phrase_mask=phrases if auto else None,
+                               mask_threshold=0.5 if auto else None, start_step=2)
+        with torch.no_grad():
+            return [proc(attn, hidden, text, ms=ms) for _ in range(3)]
+
+    mixed, ones, twos = outputs([one, two, one, one]), outputs([one] * 4), outputs([two] * 4)
+    for step in range(3):
+        for row in (0, 2, 3):
+            assert torch.equal(mixed[step][row], ones[step][row]), (step, row)
+        assert torch.equal(mixed[step][1], twos[step][1]), step
+    assert not torch.equal(ones[0][0], twos[0][0])  # the rows do differ
+
+
+def test_phrase_attention_per_subject():
+    """Each subject's map is its phrase's mean (over heads and phrase tokens) text attention,
+    and the same bits whatever other subject slots sit beside it."""
+    g = torch.Generator().manual_seed(5)
+    probs = torch.rand(2, 3, 16, 77, generator=g)
+    weights = torch.zeros(2, 3, 77)
+    weights[0, 0, 3:5], weights[0, 1, 9] = 0.5, 1.0
+    weights[1, 0] = torch.rand(77, generator=g) / 38  # row 1: one subject (all tokens weighted), padded
+    maps = phrase_attention(probs, weights)
+    assert maps.shape == (2, 16, 3)
+    torch.testing.assert_close(maps[0, :, 0], probs[0, :, :, 3:5].mean(0).mean(-1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(maps[0, :, 1], probs[0, :, :, 9].mean(0), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(maps[1, :, 0], (probs[1].mean(0) * weights[1, 0]).sum(-1), atol=1e-6, rtol=1e-6)
+    assert torch.equal(maps[1, :, 1:], torch.zeros(16, 2))
+    assert torch.equal(phrase_attention(probs, weights[:, :1])[..., 0], maps[..., 0])
 
 
 def test_without_conditioning_the_processor_is_text_attention(unet_and_adapter):
@@ -435,6 +494,35 @@ def test_generate_single_and_multi(tmp_path, monkeypatch, ms_card):
         a = np.asarray(Image.open(tmp_path / "b1" / r["path"]), dtype=np.int16)
         b = np.asarray(Image.open(tmp_path / "b4" / r["path"]), dtype=np.int16)
         assert np.abs(a - b).max() <= 2, r["case_id"]
+
+
+MIXED_IDS = ["rb-s-001", "rb-m-011", "rb-s-003", "rb-m-049"]
+
+
+@pytest.mark.parametrize("layout", ["boxes", "auto"])
+def test_mixed_subject_counts_never_change_an_image(tmp_path, one_thread, layout):
+    """The run loop on the CPU (batches padded to 4 with the last request): batch size 1 samples
+    every case alone ([s, s, s, s]); 2 gives [s, m, m, m], 3 [s, m, s, s] then [m, m, m, m], 4
+    [s, m, s, m]. A one-subject row beside two-subject rows (its subject slot padded) must
+    come out byte for byte as alone; so must the two-subject rows."""
+    from relationbench.generate import GenerateOptions, generate
+
+    data = tmp_path / "data"
+    make_references(data, MIXED_IDS)
+    card = tmp_path / "ms-mixed.yaml"
+    auto = ", mask_threshold: 0.5, start_step: 1" if layout == "auto" else ""
+    card.write_text("name: ms-mixed\nadapter: relationbench.methods.msdiffusion:MSDiffusionMethod\n"
+                    f"settings: {{steps: 3{auto}}}\n")
+    images = {}
+    for size in (1, 2, 3, 4):
+        out = tmp_path / f"b{size}"
+        generate(GenerateOptions(method=str(card), suite="relationbench", backbone="tiny", cases=MIXED_IDS,
+                                 images_per_case=1, batch_size=size, out=str(out), data_dir=str(data), quiet=True))
+        images[size] = {p.parent.name: p.read_bytes() for p in (out / "images").rglob("*.png")}
+    assert sorted(images[1]) == sorted(MIXED_IDS)
+    for size in (2, 3, 4):
+        changed = [case for case in MIXED_IDS if images[size][case] != images[1][case]]
+        assert not changed, f"batch size {size} changed {changed}"
 
 
 def test_no_state_between_calls(tmp_path, monkeypatch):

@@ -79,6 +79,43 @@ def test_import_json_predicate_by_spacy(tmp_path, write_suite):
     assert suite.predicates == predicate_backend("model") and suite.predicates.startswith("spacy:")
 
 
+def test_import_marks_extracted_predicates_and_round_trips(tmp_path, write_suite):
+    """Each extracted predicate carries the extractor's id for review, a given one none; the
+    mark survives export -> import, and so does every field of every case."""
+    from relationbench.suites.predicates import predicate_backend
+
+    registry = write_suite(mini_suite_data(), "registry.yaml")
+    src = tmp_path / "cases.json"
+    src.write_text(json.dumps([
+        {"prompt": "a dog hugging a bear plushie", "subjects": ["dog", "bear"], "predicate": "hugging"},
+        {"prompt": "a dog lying next to a bear plushie", "subjects": "dog;bear"},
+    ]))
+    out = tmp_path / "s.yaml"
+    res = run("prompts", "import", str(src), "--name", "s", "--subjects-from", str(registry), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert "1 predicate(s) extracted by a program, each marked `predicate_source:` for review" in res.output
+    model = predicate_backend("model")
+    raw = yaml.safe_load(out.read_text())["cases"]
+    assert "predicate_source" not in raw[0] and raw[1]["predicate_source"] == model
+    suite = load_suite(out)
+    assert [(c.predicate, c.predicate_source) for c in suite.cases] == [("hugging", None), ("lying next to", model)]
+
+    exported = tmp_path / "exported.jsonl"
+    exported.write_text(run("prompts", "export", "--suite", str(out)).output)
+    again = tmp_path / "again.yaml"
+    res = run("prompts", "import", str(exported), "--name", "s", "--subjects-from", str(registry), "--out", str(again))
+    assert res.exit_code == 0, res.output
+    assert "1 predicate(s) extracted" in res.output  # the kept mark, still to review
+    assert [c.as_record() for c in load_suite(again).cases] == [c.as_record() for c in suite.cases]
+
+    reviewed = [{**json.loads(line), "predicate_source": None} for line in exported.read_text().splitlines()]
+    exported.write_text("\n".join(map(json.dumps, reviewed)))
+    res = run("prompts", "import", str(exported), "--name", "s", "--subjects-from", str(registry), "--out", str(again),
+              "--force")
+    assert res.exit_code == 0 and "predicate(s) extracted" not in res.output
+    assert [c.predicate_source for c in load_suite(again).cases] == [None, None]
+
+
 def test_import_refuses_the_rule_based_fallback(tmp_path, write_suite, monkeypatch):
     """Without the spaCy model, extraction would silently use other rules: refused instead."""
     from relationbench.suites import predicates

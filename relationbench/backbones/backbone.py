@@ -34,6 +34,8 @@ _SDXL_PATTERNS = [
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 ]
+# an SDXL part given on its own (e.g. --weight vae=...): its config and safetensors weights
+_PART_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 class Backbone:
@@ -82,14 +84,16 @@ class Backbone:
         return self.weights[key]
 
     def _local_override(self, key: str, source: WeightSource) -> Path:
-        """A local override checked: sdxl wants a diffusers folder; a file component a file (or a
-        folder holding the preset's file name)."""
+        """A local override checked: sdxl wants a diffusers folder, an SDXL part (vae) a model
+        folder; a file component a file (or a folder holding the preset's file name)."""
         path = Path(source.location)
         if not path.exists():
             raise UserError(f"the weights for '{key}' are missing", path=path,
                             hint=f"pass an existing path with --weight {key}=PATH")
         if key == "sdxl":
             _check_diffusers_folder(path)
+        if key in self.preset.sdxl_parts:
+            _check_part_folder(key, path)
         default = self.preset.weights.get(key)
         if path.is_dir() and default is not None and default.filename is not None:
             inner = path / default.filename
@@ -108,10 +112,14 @@ class Backbone:
         Returns, per component, its local path, or None where it is not here yet but the hub
         answers (the loader will download it). Raises UserError, with the fix, when a
         component is neither here nor reachable (at once under HF_HUB_OFFLINE=1).
-        The tiny backbone is always available: it returns {}.
+        "sdxl" includes the SDXL parts given as overrides (vae). The tiny backbone is always
+        available: it returns {}.
         """
         if self.is_tiny:
             return {}
+        components = list(components)
+        if "sdxl" in components:
+            components += [k for k in self.overrides if k in self.preset.sdxl_parts and k not in components]
         found: dict[str, Path | None] = {}
         for key in components:
             source = self.source(key)
@@ -155,14 +163,20 @@ class Backbone:
             return Path(hf_hub_download(repo, names[0], cache_dir=cache))
         if source.filename is not None:
             return Path(hf_hub_download(source.location, source.filename, subfolder=source.subfolder, cache_dir=cache))
-        patterns = _SDXL_PATTERNS if key == "sdxl" else ([f"{source.subfolder}/*"] if source.subfolder else None)
+        if key == "sdxl":
+            patterns = _SDXL_PATTERNS
+        elif key in self.preset.sdxl_parts:
+            patterns = [f"{source.subfolder}/{name}" if source.subfolder else name for name in _PART_FILES]
+        else:
+            patterns = [f"{source.subfolder}/*"] if source.subfolder else None
         root = Path(snapshot_download(source.location, cache_dir=cache, allow_patterns=patterns))
         return root / source.subfolder if source.subfolder else root
 
     def sdxl_pipeline(self, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "StableDiffusionXLPipeline":
         """The SDXL pipeline with an Euler scheduler, built once per (device, dtype) and reused.
 
-        dtype defaults to torch.float32. The caller sets the progress bar.
+        dtype defaults to torch.float32. SDXL parts given as overrides (vae) replace SDXL's
+        own. The caller sets the progress bar.
         """
         import torch
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -178,8 +192,10 @@ class Backbone:
         else:
             path = self.fetch("sdxl")
             _check_diffusers_folder(path)
+            parts = self._sdxl_parts(dtype)
             try:
-                pipe = StableDiffusionXLPipeline.from_pretrained(path, **_dtype_kwarg(dtype), local_files_only=True)
+                pipe = StableDiffusionXLPipeline.from_pretrained(path, **parts, **_dtype_kwarg(dtype),
+                                                                 local_files_only=True)
             except (OSError, ValueError, KeyError) as exc:
                 raise UserError(
                     f"cannot load an SDXL pipeline from this folder: {exc}",
@@ -192,6 +208,23 @@ class Backbone:
         self._pipelines[cache_key] = pipe
         return pipe
 
+    def _sdxl_parts(self, dtype) -> dict[str, Any]:
+        """The overridden SDXL parts, loaded in `dtype`, as from_pretrained keyword arguments."""
+        from diffusers import AutoencoderKL
+
+        if "vae" not in self.overrides:
+            return {}
+        path = self.fetch("vae")
+        try:
+            vae = AutoencoderKL.from_pretrained(path, **_dtype_kwarg(dtype), local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"cannot load a VAE (AutoencoderKL) from this folder: {exc}", path=path,
+                            hint=_PART_HINT) from exc
+        if vae.config.latent_channels != 4:
+            raise UserError(f"this VAE has {vae.config.latent_channels} latent channels; SDXL's UNet needs 4",
+                            path=path, hint="give an SDXL VAE, e.g. --weight vae=madebyollin/sdxl-vae-fp16-fix")
+        return {"vae": vae}
+
 
 def _dtype_kwarg(dtype) -> dict[str, Any]:
     """from_pretrained's dtype argument: `dtype` in newer diffusers, `torch_dtype` before."""
@@ -199,6 +232,16 @@ def _dtype_kwarg(dtype) -> dict[str, Any]:
 
     name = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
     return {name: dtype}
+
+
+_PART_HINT = ("give a folder in the diffusers layout (AutoencoderKL.save_pretrained: config.json and "
+              "diffusion_pytorch_model.safetensors) or a hub id, e.g. --weight vae=madebyollin/sdxl-vae-fp16-fix")
+
+
+def _check_part_folder(key: str, path: Path) -> None:
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UserError(f"'{key}' must be a model folder in the diffusers layout (with config.json)",
+                        path=path, hint=_PART_HINT)
 
 
 def _check_diffusers_folder(path: Path) -> None:
@@ -220,19 +263,20 @@ def get_backbone(name: str, overrides: Mapping[str, str] | None = None) -> Backb
             hint="--backbone sdxl (real weights) or --backbone tiny (random weights, offline, seconds on a CPU)",
         )
     preset = PRESETS[name]
+    keys = [*preset.weights, *preset.sdxl_parts]
     parsed: dict[str, WeightSource] = {}
     for key, value in (overrides or {}).items():
-        if key not in preset.weights:
-            if not preset.weights:
+        if key not in keys:
+            if not keys:
                 raise UserError(
                     f"the {name} backbone has no weights to override (it builds seeded random weights)",
                     hint="drop --weight, or use --backbone sdxl",
                 )
-            close = difflib.get_close_matches(key, preset.weights, n=1)
+            close = difflib.get_close_matches(key, keys, n=1)
             guess = f"did you mean '{close[0]}'? " if close else ""
             raise UserError(
-                f"unknown weight key '{key}' for backbone {name}; {guess}keys: {', '.join(preset.weights)}",
-                hint=f"--weight KEY=PATH_OR_HUB_ID with KEY one of {', '.join(preset.weights)}",
+                f"unknown weight key '{key}' for backbone {name}; {guess}keys: {', '.join(keys)}",
+                hint=f"--weight KEY=PATH_OR_HUB_ID with KEY one of {', '.join(keys)}",
             )
-        parsed[key] = parse_override(key, value, preset.weights[key])
+        parsed[key] = parse_override(key, value, preset.weights.get(key))
     return Backbone(preset, parsed)

@@ -1,7 +1,9 @@
 """Backbone presets: for each component key, the weights a named backbone uses.
 
     sdxl   SDXL base 1.0 and the weights the methods and metrics load, from the hub or
-           from local folders given as overrides (`--weight sdxl=/path/to/folder`).
+           from local folders given as overrides (`--weight sdxl=/path/to/folder`). Its
+           `vae` part may be replaced too (`--weight vae=madebyollin/sdxl-vae-fp16-fix`, a
+           VAE that does not overflow in fp16); without that, SDXL's own VAE.
     tiny   the same architectures at toy size with seeded random weights (see tiny.py): no
            files, no network. For tests and dry runs.
 """
@@ -22,6 +24,9 @@ class BackbonePreset:
     description: str
     resolution: int  # default image side in pixels
     weights: Mapping[str, WeightSource] = field(default_factory=dict)
+    # parts of the SDXL pipeline an override may replace; without one, the sdxl folder's own
+    # are used, so they have no source here (and are in run.json's weights only when overridden)
+    sdxl_parts: tuple[str, ...] = ()
     seed: int | None = None  # tiny only: the seed of the random weights
 
 
@@ -43,6 +48,7 @@ PRESETS: dict[str, BackbonePreset] = {
             "clip_l14": WeightSource.open_clip("ViT-L-14", "openai"),
             "dino": WeightSource.hub("facebook/dino-vits16"),
         },
+        sdxl_parts=("vae",),
     ),
     "tiny": BackbonePreset(
         name="tiny",

@@ -53,18 +53,20 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:.*)?$")
 _OPEN_CLIP_TAG = re.compile(r"^[\w.-]+$")
 
 
-def parse_override(key: str, value: str, default: WeightSource) -> WeightSource:
+def parse_override(key: str, value: str, default: WeightSource | None) -> WeightSource:
     """Turn a `--weight KEY=VALUE` string into a source replacing `default`.
 
     VALUE is an existing local path, or for hub components a repo id `owner/name`, optionally
     `owner/name:PATH` where PATH replaces the preset's subfolder (folder components) or file
     (file components); without `:PATH` the preset's subfolder/file are kept. For open_clip
-    components VALUE may be another pretrained tag of the same architecture.
+    components VALUE may be another pretrained tag of the same architecture. A component with
+    no default (an optional SDXL part such as `vae`) is a folder component.
     """
     value = value.strip()
     path = Path(value).expanduser()
     if path.exists():
         return WeightSource.local(path)
+    default = default or WeightSource.hub("")
     if default.kind == "open_clip" and _OPEN_CLIP_TAG.match(value):
         return WeightSource.open_clip(default.model or "", value)
     if default.kind != "open_clip" and _HUB_ID.match(value) and not value.startswith("."):

@@ -33,15 +33,16 @@ import difflib
 import hashlib
 import importlib
 import json
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from ..errors import UserError
+from ..userfiles import CONTROL_CHARS, QUOTE_HINT, load_yaml, read_text, show, text_problem, type_problem
 from .base import Context, Method
 
 ENTRY_POINT_GROUP = "relationbench.methods"
@@ -49,6 +50,11 @@ CARD_KEYS = {"name", "base", "adapter", "settings", "tiny", "version", "descript
 DEFAULT_SOURCE = "default"
 TINY_SOURCE = "tiny schedule"
 SET_SOURCE = "--set"
+_FLOAT_MAX = sys.float_info.max
+VALUE_CHARS = 32  # of a setting value in a variant's name; a 300-character prompt made a name too long for a folder
+# a card's name is its run folder's (results/<suite>/<name>): no separators, no "..", one line, short
+CARD_NAME = re.compile(r"[A-Za-z0-9][^/\\]{0,99}")
+ADAPTER = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,15 @@ class MethodCard:
         if missing:
             raise UserError(f"method {self.name!r}: setting(s) {', '.join(missing)} have no default; set them",
                             path=self.path)
+        self.settings(values)  # the adapter's own checks (steps >= 1, ...) before anything records them
         return Resolved(values, sources)
+
+    def settings(self, values: Mapping[str, Any]) -> Any:
+        """The adapter's Settings of resolved `values`; what its checks refuse is a UserError."""
+        try:
+            return self.settings_class()(**values)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"method {self.name!r}: {exc}", path=self.path) from None
 
     def digest(self, tiny: bool = False) -> str:
         """Stable hash of what changes images: adapter, version and the resolved settings."""
@@ -185,12 +199,7 @@ class MethodCard:
 
     def build(self, context: Context) -> Method:
         cls = self.adapter_class()
-        values = self.resolve(bool(context and context.backbone.is_tiny)).values
-        try:
-            settings = self.settings_class()(**values)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"method {self.name!r}: {exc}", path=self.path) from None
-        return cls(settings, context)
+        return cls(self.settings(self.resolve(bool(context and context.backbone.is_tiny)).values), context)
 
 
 def variant_name(name: str, values: Mapping[str, Any]) -> str:
@@ -206,14 +215,21 @@ def variant_name(name: str, values: Mapping[str, Any]) -> str:
 
 
 def format_value(value: Any) -> str:
-    """A compact, path-safe rendering of a setting value for variant names."""
+    """A compact, path-safe rendering of a setting value for variant names (a run folder's
+    name): no '/', ',' or control characters, at most VALUE_CHARS characters; a longer or
+    altered text keeps its start and a hash of all of it, so two values never share a name."""
     if isinstance(value, bool) or value is None:
         text = json.dumps(value)
     elif isinstance(value, (list, tuple)):
         text = "[" + ";".join(format_value(v) for v in value) + "]"
     else:
         text = str(value)
-    return text.replace("/", "_").replace(",", ";")
+    text = text.replace("/", "_").replace(",", ";")
+    safe = CONTROL_CHARS.sub("_", text).replace("\\", "_")
+    if safe == text and len(safe) <= VALUE_CHARS:
+        return safe
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{safe[:VALUE_CHARS - 9]}~{digest}"
 
 
 def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
@@ -238,7 +254,7 @@ def coerce(key: str, value: Any, hint: Any, card: MethodCard, source: str) -> An
     ok, out = _coerce(value, hint)
     if not ok:
         raise UserError(
-            f"method {card.name!r}: setting {key} must be {_hint_name(hint)}, got {value!r} ({source})",
+            f"method {card.name!r}: setting {key} must be {_hint_name(hint)}, got {show(value)} ({source})",
             path=card.path,
         )
     return out
@@ -260,7 +276,7 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
         return value is None, None
     if isinstance(value, RawValue):
         if hint is str:
-            return True, str(value)
+            return text_problem(value, one_line=False) is None, str(value)
         value = _read_yaml(value)
         if isinstance(value, str):
             return False, value
@@ -268,11 +284,11 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
         return isinstance(value, bool), value
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # finite: a NaN guidance scale would only show as black images
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= _FLOAT_MAX
         return ok, float(value) if ok else value
     if hint is str:
-        return isinstance(value, str), value
+        return isinstance(value, str) and text_problem(value, one_line=False) is None, value
     if origin in (tuple, list) or hint in (tuple, list):
         if not isinstance(value, (list, tuple)):
             return False, value
@@ -287,9 +303,10 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
 
 
 def _read_yaml(text: str) -> Any:
+    """A --set value read as YAML; text that is not YAML (or is an alias bomb) stays text."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml(str(text), None)  # libyaml takes a str, not a subclass
+    except UserError:
         return str(text)
 
 
@@ -302,55 +319,85 @@ def cards_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "methods"
 
 
-def load_card(path: Path, registry: "Registry | None" = None) -> MethodCard:
+def load_card(path: Path, registry: "Registry | None" = None, chain: tuple[Path, ...] = ()) -> MethodCard:
     """A card file; one with `base:` is a variant of the named card (or of a card file
-    relative to this one)."""
+    relative to this one). `chain`: the cards whose bases are being loaded, to refuse a loop."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read method card: {exc}", path=path) from None
+    here = path.resolve()
+    if here in chain:
+        loop = " -> ".join(p.name for p in (*chain[chain.index(here):], here))
+        raise UserError(f"the method cards' `base:` entries form a loop: {loop}", path=path,
+                        hint="a card's base must lead to a card with an adapter")
+    chain = (*chain, here)
+    data = load_yaml(read_text(path), path)
     if not isinstance(data, dict):
         raise UserError("a method card is a mapping with name, adapter (or base), settings", path=path)
-    extra = sorted(set(data) - CARD_KEYS)
+    data = {k: v for k, v in data.items() if v is not None}  # `version:` left empty: as if absent
+    extra = sorted(map(str, set(data) - CARD_KEYS))
     if extra:
         raise UserError(f"method card has unknown key(s) {', '.join(extra)}", path=path,
                         hint=f"a card has: {', '.join(sorted(CARD_KEYS))}")
-    for key in ("settings", "tiny"):
-        if not isinstance(data.get(key) or {}, dict):
-            raise UserError(f"'{key}' must be a mapping", path=path)
+    _check_card_fields(data, path)
     settings = data.get("settings") or {}
     if "base" in data:
         if "adapter" in data:
             raise UserError("a variant card names its base, not an adapter", path=path,
                             hint="drop 'adapter' (it comes from the base card)")
-        base_ref = str(data["base"])
+        base_ref = data["base"]
         rel = path.parent / base_ref
-        parent = load_card(rel, registry) if rel.suffix in (".yaml", ".yml") and rel.is_file() else \
-            (registry or default_registry()).card(base_ref)
+        parent = load_card(rel, registry, chain) if rel.suffix in (".yaml", ".yml") and rel.is_file() else \
+            (registry or default_registry()).named(base_ref, chain)
         card = dataclasses.replace(
             parent.with_settings(settings, source=f"card {path.name}"),
             tiny={**parent.tiny, **(data.get("tiny") or {})},
             base=parent.base or parent.name,
             path=str(path),
-            description=str(data.get("description", parent.description)).strip(),
+            description=(data.get("description") or parent.description).strip(),
         )
-        name = str(data["name"]) if "name" in data else card.name
-        return dataclasses.replace(card, name=name)
+        return dataclasses.replace(card, name=data.get("name") or card.name)
     missing = [k for k in ("name", "adapter") if k not in data]
     if missing:
         raise UserError(f"method card lacks {', '.join(missing)}", path=path,
                         hint="a card names its adapter, or a `base:` card to vary")
     return MethodCard(
-        name=str(data["name"]),
-        adapter=str(data["adapter"]),
+        name=data["name"],
+        adapter=data["adapter"],
         layers=(Layer(f"card {path.name}", settings, False),) if settings else (),
         tiny=dict(data.get("tiny") or {}),
-        version=int(data.get("version", 1)),
-        description=str(data.get("description", "")).strip(),
+        version=data.get("version", 1),
+        description=(data.get("description") or "").strip(),
         paper=data.get("paper"),
         path=str(path),
     )
+
+
+def _check_card_fields(data: dict, path: Path) -> None:
+    """Every card field's type in one place: text fields strings (the name one line and
+    path-safe: it names the run folder), version a positive integer, settings and tiny
+    mappings keyed by setting names."""
+    for key in ("name", "base", "adapter", "description", "paper"):
+        value = data.get(key)
+        why = None if value is None else type_problem(value, (str,), one_line=key != "description")
+        if why:
+            raise UserError(f"{key} {why}", path=path, hint=None if isinstance(value, str) else QUOTE_HINT)
+    adapter = data.get("adapter")
+    if adapter is not None and not ADAPTER.fullmatch(adapter):
+        raise UserError(f"adapter {adapter!r} must look like 'package.module:ClassName'", path=path)
+    name = data.get("name")
+    if name is not None and not CARD_NAME.fullmatch(name):
+        raise UserError(f"card name {name!r} must start with a letter or digit, hold no '/' or '\\' and at most "
+                        "100 characters (it names the run folder)", path=path)
+    version = data.get("version", 1)
+    if type_problem(version, (int,)) or version < 1:
+        raise UserError(f"version must be a positive integer, got {show(version)}", path=path)
+    for key in ("settings", "tiny"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise UserError(f"'{key}' must be a mapping of setting names to values, got {show(value)}", path=path)
+        names = [k for k in value or {} if not isinstance(k, str)]
+        if names:
+            raise UserError(f"'{key}' has setting name(s) that are not strings: {show(names)}", path=path,
+                            hint="quote them")
 
 
 class Registry:
@@ -393,20 +440,20 @@ class Registry:
     def card(self, name_or_path: str, overrides: Mapping[str, Any] | None = None) -> MethodCard:
         """A card by registered name, or by path to a YAML file; `overrides` (--set) make a variant."""
         p = Path(name_or_path)
-        if p.suffix in (".yaml", ".yml") and p.exists():
-            card = load_card(p, self)
-        else:
-            paths = self._scan()
-            if name_or_path not in paths:
-                close = difflib.get_close_matches(name_or_path, list(paths), n=3)
-                hint = f"did you mean {' or '.join(close)}?" if close else "pass a card name or a card file path"
-                raise UserError(
-                    f"unknown method {name_or_path!r} (known: {', '.join(sorted(paths)) or 'none'})", hint=hint
-                )
-            card = load_card(paths[name_or_path], self)
-            if card.name != name_or_path:
-                raise UserError(f"card is registered as {name_or_path!r} but is named {card.name!r}", path=card.path)
+        card = load_card(p, self) if p.suffix in (".yaml", ".yml") and p.exists() else self.named(name_or_path)
         return card.with_settings(overrides or {})
+
+    def named(self, name: str, chain: tuple[Path, ...] = ()) -> MethodCard:
+        """The card registered as `name` (`chain`: see load_card)."""
+        paths = self._scan()
+        if name not in paths:
+            close = difflib.get_close_matches(name, list(paths), n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else "pass a card name or a card file path"
+            raise UserError(f"unknown method {name!r} (known: {', '.join(sorted(paths)) or 'none'})", hint=hint)
+        card = load_card(paths[name], self, chain)
+        if card.name != name:
+            raise UserError(f"card is registered as {name!r} but is named {card.name!r}", path=card.path)
+        return card
 
 
 def default_registry() -> Registry:

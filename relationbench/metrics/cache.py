@@ -14,11 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..images import READER_VERSION
+
 
 def cache_file(folder: Path, encoder_id: str, dtype: str) -> Path:
-    """A readable, collision-free file name for one encoder's embeddings."""
+    """A readable, collision-free file name for one encoder's embeddings. The image reader's
+    version is part of it: the same file bytes may decode to other pixels under a new reader."""
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", encoder_id).strip("_")[:60]
-    digest = hashlib.sha256(f"{encoder_id}|{dtype}".encode()).hexdigest()[:10]
+    digest = hashlib.sha256(f"{encoder_id}|{dtype}|reader {READER_VERSION}".encode()).hexdigest()[:10]
     return folder / f"{slug}-{dtype}-{digest}.npz"
 
 

@@ -5,15 +5,17 @@
 
 Written on PIL and numpy so that decoding workers need no torch transforms; the result is
 identical to open_clip's eval transform and torchvision's Resize + CenterCrop (tested).
+Image files are decoded by relationbench.images.read_image, the project's one reader.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from ..images import to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,8 +33,11 @@ class Preprocess:
     std: tuple[float, float, float]
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        """A PIL image -> float32 array (3, crop, crop)."""
-        image = image.convert("RGB")
+        """A PIL image -> float32 array (3, crop, crop).
+
+        Files come through images.read_image; an image of another mode made in memory gets the
+        same conversion (alpha onto white, 16-bit scaled), never PIL's alpha-dropping one."""
+        image = to_rgb(image)
         w, h = image.size
         short, long = (w, h) if w <= h else (h, w)
         if short != self.resize:
@@ -49,10 +54,3 @@ class Preprocess:
 
 CLIP_PREPROCESS = Preprocess(224, 224, CLIP_MEAN, CLIP_STD)
 DINO_PREPROCESS = Preprocess(256, 224, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def decode(data: bytes) -> Image.Image:
-    """Decode image bytes fully (so a truncated file fails here, not later)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image

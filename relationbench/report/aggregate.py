@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from ..runs import RUN_JSON, SCORE_COLUMNS, SCORE_FLOAT_COLUMNS
+from ..runs import RUN_JSON, SCORE_COLUMNS, SCORE_FLOAT_COLUMNS, RunDir
 from ..runs import SCORES as SCORES_CSV
 
 METRICS = ("clip_t", "clip_r", "clip_i", "dino")
@@ -42,7 +42,13 @@ def _read_run_json(run_dir: Path) -> dict[str, str]:
 
 
 def load_run_scores(run_dir: str | Path) -> pd.DataFrame:
-    """One run's per-image scores, tagged with the run's label, suite, method and backbone."""
+    """One run's per-image scores, tagged with the run's label, suite, method and backbone.
+
+    Refuses a file that would count an image twice (two rows of one image and score group)
+    or that scores an image the run no longer holds (its manifest line now names another
+    sha256, or none): dropping such rows here would change n without a word, and `relbench
+    score`, which leaves neither, is the fix.
+    """
     run_dir = Path(run_dir)
     path = run_dir / SCORES_CSV
     if not path.exists():
@@ -64,12 +70,35 @@ def load_run_scores(run_dir: str | Path) -> pd.DataFrame:
         raise UserError(f"scores.csv lacks columns: {', '.join(missing)}", path=path,
                         hint="rescore the run with this version of relbench")
     meta = _read_run_json(run_dir)
+    _check_one_row_per_image(df, run_dir, path)
     df = df[list(SCORE_COLUMNS)].copy()
     df["run"] = run_dir.resolve().name
     df["run_dir"] = str(run_dir)
     for key, value in meta.items():
         df[key] = value
     return df
+
+
+def _check_one_row_per_image(df: pd.DataFrame, run_dir: Path, path: Path) -> None:
+    """See load_run_scores: duplicate rows, and rows of images the manifest no longer holds
+    (checked where the manifest records hashes; a scores.csv without a manifest is taken as is)."""
+    keys = ["case_id", "index", *GROUP]
+    dup = df[df.duplicated(keys, keep=False)]
+    if len(dup):
+        case_id, index = dup.iloc[0][["case_id", "index"]]
+        raise UserError(f"scores.csv has {len(dup)} rows for {len(dup.drop_duplicates(keys))} image(s) (e.g. "
+                        f"{case_id} sample {index} twice in one score group): they would be counted twice", path=path,
+                        hint="run `relbench score` on the run: it keeps one row per image")
+    run = RunDir(run_dir)
+    if not run.manifest.is_file():
+        return
+    current = {key: r.get("sha256") for key, r in run.latest().items()}
+    stale = [(c, i) for c, i, sha in df[["case_id", "index", "image_sha256"]].itertuples(index=False)
+             if (c, int(i)) not in current or current[(c, int(i))] not in (None, sha)]
+    if stale:
+        raise UserError(f"scores.csv scores {len(stale)} image(s) the run no longer holds (regenerated or dropped "
+                        f"since scoring, e.g. {stale[0][0]} sample {stale[0][1]})", path=path,
+                        hint="run `relbench score` on the run: it drops those rows and scores the images now there")
 
 
 def load_scores(run_dirs: Iterable[str | Path]) -> pd.DataFrame:

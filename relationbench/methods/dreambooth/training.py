@@ -98,7 +98,9 @@ def _pixels(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     import numpy as np
     from PIL import Image
 
-    image = Image.open(path).convert("RGB")
+    from ...images import read_image
+
+    image = read_image(path)
     original = (image.height, image.width)
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),

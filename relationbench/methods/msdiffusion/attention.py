@@ -16,11 +16,15 @@ denoising loop, by ImageConditioning; inside the loop every shape is static (the
 boxes that lead the batch, classifier-free guidance's unconditional half, are a fixed slice
 left out of the image branch; any other row without boxes contributes exactly zero through
 its all-background mask), and the auto layout keeps fixed-size running sums. So a compiled
-UNet traces once. Fused projections (diffusers' `Attention.fuse_projections`: to_qkv on
-self-attention, to_kv on cross-attention) are used when present. The image path has nothing
-to fuse for: its keys and values are computed once per sampling call, not per step, so a
-fused [to_k_ip; to_v_ip] copy (about 340M parameters on SDXL) would buy one matmul launch
-per layer and call.
+UNet traces once per batch layout (batches that mix subject counts add one graph per mix of
+row groups). Padding changes no bit: a row with fewer subjects than the batch's widest
+attends to its own tokens only (key_groups), and each subject's phrase map is its own
+product (phrase_attention), so a row computes as it would alone (on the CPU, given MKL's
+strict mode and the run loop's batches of at least 4; generate.py). Fused projections
+(diffusers' `Attention.fuse_projections`: to_qkv on self-attention, to_kv on cross-attention)
+are used when present. The image path has nothing to fuse for: its keys and values are
+computed once per sampling call, not per step, so a fused [to_k_ip; to_v_ip] copy (about 340M
+parameters on SDXL) would buy one matmul launch per layer and call.
 """
 
 from __future__ import annotations
@@ -57,6 +61,37 @@ def box_cells(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return cells.flatten(2).transpose(1, 2)
 
 
+def key_groups(slots: list[list[bool]], num_dummy: int, queries: int,
+               device) -> list[tuple[torch.Tensor | None, int]]:
+    """Rows by the number of image tokens they attend to: [(row indices, tokens)], indices
+    None where one group holds every row (the common case: no gather).
+
+    slots [R][S]: which subject slots a row uses (a box, or a phrase in the auto layout). A row
+    attends to the dummy tokens and the tokens up to its last used slot; the slots after it only
+    pad the row to the batch's widest, and are left out rather than masked: the CPU's attention
+    kernel rounds differently with the key length, so with masked padding a one-subject row's
+    image would depend on what else is in its batch.
+    """
+    by_tokens: dict[int, list[int]] = {}
+    for row, used in enumerate(slots):
+        last = max((j + 1 for j, on in enumerate(used) if on), default=0)
+        by_tokens.setdefault(num_dummy + queries * last, []).append(row)
+    if len(by_tokens) == 1:
+        return [(None, next(iter(by_tokens)))]
+    return [(torch.tensor(rows, device=device), n) for n, rows in sorted(by_tokens.items())]
+
+
+def phrase_attention(text_probs: torch.Tensor, phrase_weights: torch.Tensor) -> torch.Tensor:
+    """text_probs [R, heads, cells, text tokens], phrase_weights [R, S, text tokens] -> [R, cells, S]:
+    each subject's attention map (mean over heads, weighted over its phrase's tokens).
+
+    One matrix-vector product per subject slot: a product over all slots at once takes another
+    kernel on the CPU when S changes (e.g. a one-subject row padded to two rounds differently).
+    """
+    probs = text_probs.float().mean(1)
+    return torch.cat([probs @ phrase_weights[:, j, :, None] for j in range(phrase_weights.shape[1])], dim=-1)
+
+
 class ImageConditioning:
     """The image side of one sampling call: tokens, boxes and scales per batch row, with all
     it derives for the given attn2 processors prepared here, before the denoising loop.
@@ -64,7 +99,9 @@ class ImageConditioning:
     tokens: [B, dummy + S * queries, D]; boxes: [B, S, 4]; scales: [B, S] (a subject's scale,
     0 for padding); grids: each MSCrossAttnProcessor that will see this object -> its layer's
     (h, w). The leading rows whose boxes are all zero (the unconditional half) are left out of
-    the image branch: rows `start:` take part (`start` is fixed here, a static slice).
+    the image branch: rows `start:` take part (`start` is fixed here, a static slice). Zero
+    boxes after a row's last subject pad it to S: `groups` (key_groups) leaves their tokens
+    out of that row's attention.
 
     Per layer: the image keys and scaled values [R, T, inner] and the box masks of its
     resolution; `calls` [layers] counts the calls each layer made (so a caller can check that
@@ -87,11 +124,15 @@ class ImageConditioning:
         if tokens.shape[0] != b or tokens.shape[1] != num_dummy + s * queries or scales.shape != (b, s):
             raise ValueError(f"tokens {tuple(tokens.shape)}, boxes {tuple(boxes.shape)} and scales "
                              f"{tuple(scales.shape)} do not describe one batch")
-        has_box = (boxes.flatten(1).abs().sum(-1) > 0).tolist()  # one host sync, before the loop
+        auto = phrase_mask is not None and mask_threshold is not None
+        boxed = boxes.abs().sum(-1) > 0  # [B, S]
+        used = boxed | (phrase_mask.abs().sum(-1) > 0) if auto else boxed  # type: ignore[union-attr]
+        boxed_rows, used_rows = torch.stack([boxed, used]).tolist()  # one host sync, before the loop
         self.batch = b
-        self.start = next((i for i, on in enumerate(has_box) if on), b)
+        self.start = next((i for i, row in enumerate(boxed_rows) if any(row)), b)
         self.rows = b - self.start
         self.num_dummy, self.queries = num_dummy, queries
+        self.groups = key_groups(used_rows[self.start :], num_dummy, queries, boxes.device)
         boxes = boxes[self.start :]
         dummy = torch.ones(self.rows, num_dummy, device=scales.device, dtype=scales.dtype)
         token_scales = torch.cat([dummy, scales[self.start :].repeat_interleave(queries, dim=1)], dim=1)
@@ -103,8 +144,8 @@ class ImageConditioning:
         self.calls = torch.zeros(len(grids), dtype=torch.int64, device=tokens.device)
         self._masks = {grid: self._bias(box_cells(boxes, *grid), dtype) for grid in set(grids.values())}
         self._kv = {id(proc): proc.image_kv(tokens, token_scales) for proc in grids}
-        self.auto = phrase_mask is not None and mask_threshold is not None
-        if self.auto:
+        self.auto = auto
+        if auto:
             phrase = phrase_mask[self.start :].float()  # type: ignore[index]
             self._phrase_weights = phrase / phrase.sum(-1, keepdim=True).clamp(min=1)  # [R, S, T]
             self.mask_threshold, self.start_step = float(mask_threshold), max(start_step, 1)  # type: ignore[arg-type]
@@ -147,7 +188,7 @@ class ImageConditioning:
         if text_probs is None:
             raise ValueError("auto layout needs the layer's text attention probabilities")
         total = self._sums[key]
-        total += torch.einsum("rnt,rst->rns", text_probs.float().mean(1), self._phrase_weights)
+        total += phrase_attention(text_probs, self._phrase_weights)
         calls = self.calls[slot]
         mean = total / calls
         low, high = mean.amin(1, keepdim=True), mean.amax(1, keepdim=True)
@@ -167,6 +208,19 @@ def _attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=Non
     out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads),
                                          attn_mask=mask, scale=attn.scale)
     return out.transpose(1, 2).flatten(2)
+
+
+def _image_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     groups: list[tuple[torch.Tensor | None, int]]) -> torch.Tensor:
+    """q [R, N, inner], image keys/values [R, T, inner], bias [R, 1, N, T] -> [R, N, inner]:
+    each group of rows (key_groups) over its own first tokens only."""
+    rows, n = groups[0]
+    if rows is None:
+        return _attention(attn, q, k[:, :n], v[:, :n], bias[..., :n])
+    out = torch.empty_like(q)
+    for rows, n in groups:
+        out.index_copy_(0, rows, _attention(attn, q[rows], k[rows, :n], v[rows, :n], bias[rows, ..., :n]))
+    return out
 
 
 def _text_probs(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -235,7 +289,7 @@ class MSCrossAttnProcessor(nn.Module):
             bias, foreground = ms.step(self, hidden_states.shape[1], probs)
             if ms.rows:
                 k, v = ms.image_kv(self)
-                image = _attention(attn, q, k, v, bias.to(q.dtype)) * foreground.to(q.dtype)
+                image = _image_attention(attn, q, k, v, bias.to(q.dtype), ms.groups) * foreground.to(q.dtype)
                 out = torch.cat([out[: ms.start], out[ms.start :] + image]) if ms.start else out + image
         return _finish(attn, out, hidden_states)
 

@@ -170,6 +170,8 @@ class MSDiffusionMethod(PipelineMethod):
         """Penultimate hidden states of the vision tower, once per reference image."""
         from PIL import Image
 
+        from ...images import read_image
+
         todo = [p for p in dict.fromkeys(paths) if p not in self._embeds]
         if not todo:
             return
@@ -178,7 +180,7 @@ class MSDiffusionMethod(PipelineMethod):
         device = next(encoder.parameters()).device
         for i in range(0, len(todo), 16):
             chunk = todo[i : i + 16]
-            images = [Image.open(p).convert("RGB").resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.Resampling.BICUBIC)
+            images = [read_image(p).resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.Resampling.BICUBIC)
                       for p in chunk]
             pixels = self._processor(images=images, return_tensors="pt").pixel_values.to(device, encoder.dtype)
             hidden = encoder(pixels, output_hidden_states=True).hidden_states[-2]
