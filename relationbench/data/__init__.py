@@ -1,5 +1,8 @@
 """Subject images on disk: where they live, how to get them, and how to check them.
 
+(The package also holds the relation triplets RelationBooth trains on: `triplets.py`, the
+format and its checker; `example_triplets.py`; `authors.py`, the import of the authors' layout.)
+
 Layout: `<root>/<source>/<dir>/<image files>`, where `source` is a dataset name
 ("dreambench", "customconcept101") and `dir` a subject folder (Subject.dir). The root is
 `data_root()`: an explicit path, else $RELBENCH_DATA, else ~/.cache/relationbench/data.
@@ -30,7 +33,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from .errors import UserError
+from ..errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 DEFAULT_ROOT = Path("~/.cache/relationbench/data")
@@ -416,7 +419,7 @@ def _build(spec: DatasetSpec, source: _Source, tmp: Path, *, origin: str, method
     if spec.license_notice:
         text = resources.files("relationbench").joinpath("data_files", spec.license_notice).read_bytes()
         (stage / spec.license_notice).write_bytes(text)
-    from . import __version__
+    from .. import __version__
 
     record = {
         "dataset": spec.name,
@@ -475,7 +478,7 @@ def _check_complete(spec: DatasetSpec, stage: Path, label: str) -> None:
 
 def _undecodable(path: Path) -> str | None:
     """None when the project's image reader accepts the file (whole pixel data), else the reason."""
-    from .images import read_image
+    from ..images import read_image
 
     try:
         read_image(path)
