@@ -40,26 +40,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# SDXL base 1.0's unet/config.json (the fields that shape the network).
-SDXL_UNET_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-)
-
 BOXES = ([0.05, 0.2, 0.6, 0.9], [0.4, 0.2, 0.95, 0.9])  # two subjects per row, overlapping
 SUBJECT_SCALE = 0.6  # MSDiffusionSettings.scale
 GUIDANCE = 5.0  # REFERENCE 5's stock SDXL figures
@@ -119,6 +99,7 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
     from tabulate import tabulate
 
+    from relationbench.backbones.presets import SDXL_UNET_CONFIG
     from relationbench.backbones.tiny import SDXL_SCHEDULER_CONFIG
     from relationbench.methods.msdiffusion.model import MSAdapter
     from relationbench.methods.msdiffusion.resampler import ResamplerConfig

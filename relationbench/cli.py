@@ -162,7 +162,7 @@ _data_dir = click.option("--data-dir", default=None, help="Subject image root (d
 
 @cli.group(cls=_Group)
 def data():
-    """Subject images: fetch, import, verify."""
+    """Subject images (fetch, import, verify) and relation triplets (check, example-triplets, import-triplets)."""
 
 
 @data.command("fetch")
@@ -201,6 +201,53 @@ def data_verify(name, data_dir):
     click.echo(str(report))
     if not report.ok:
         raise UserError(f"{name}: files differ from their recorded checksums", hint=f"fetch or import {name} again")
+
+
+_relation_option = click.option("--relation", "relations", multiple=True, help="Only this relation (repeatable).")
+
+
+@data.command("check")
+@click.argument("root", type=click.Path(path_type=Path))
+@_relation_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_check(root, relations, quiet):
+    """List every problem of a relation-triplet folder (exit 2 when any), else summarize it."""
+    from .data.triplets import scan_triplets
+
+    problems, found = scan_triplets(root, relations or None, quiet=quiet)
+    if problems:
+        click.echo("\n".join(map(str, problems)))
+        raise UserError(f"{len(problems)} problem(s) in the relation triplets", path=root,
+                        hint="fix each file named above (format: README, ## Relation triplets)")
+    click.echo("\n".join(found.summary()))
+
+
+@data.command("example-triplets")
+@click.argument("out", type=click.Path(path_type=Path))
+def data_example_triplets(out):
+    """Write a small synthetic relation-triplet set (stick figures, two relations) into OUT."""
+    from .data.example_triplets import write_example_triplets
+
+    found = write_example_triplets(out)
+    click.echo("\n".join(found.summary()) + f"\nwritten to {out}")
+
+
+@data.command("import-triplets")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@_relation_option
+@click.option("--schema", default="ap10k-17", show_default=True, help="Keypoint schema of the source's keypoints.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_import_triplets(src, out, relations, schema, quiet):
+    """Convert the RelationBooth authors' training data (DreamRelation layout) in SRC into OUT."""
+    from .data.authors import import_authors_triplets
+
+    found = import_authors_triplets(src, out, relations or None, schema=schema, quiet=quiet)
+    click.echo("\n".join(found.summary()) + f"\nwritten to {out}")
+    marked = sum(s.predicate_source is not None for samples in found.relations.values() for s in samples)
+    if marked:
+        click.echo(f"{marked} predicate(s) were extracted from their prompts and marked predicate_source: "
+                   "check them in the triplets.json files, correct them if needed, then delete the mark")
 
 
 # -- methods ------------------------------------------------------------------------------
@@ -292,6 +339,37 @@ def _listing(items, limit: int = 5) -> str:
     return "; ".join(shown) + more
 
 
+# -- train --------------------------------------------------------------------------------
+@cli.command("train")
+@click.option("--method", default="relationbooth", show_default=True, help="Method card (or card file) to train.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Relation-triplet folder.")
+@click.option("--relation", "relations", multiple=True, help="Only this relation (repeatable; default: all).")
+@click.option("--out", default=None, help="LoRA bank (default: the card's `bank`, else "
+                                          "$RELBENCH_CACHE/relationbooth/loras).")
+@_backbone_options
+@_set_option
+@click.option("--resume", is_flag=True, help="Continue interrupted trainings from their checkpoints.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_cmd(method, data, relations, out, backbone, weights, set_values, resume, device, dtype, quiet):
+    """Train a LoRA per relation into a LoRA bank; rerun to skip what is trained."""
+    from .train import TrainOptions, train
+
+    summary = train(TrainOptions(
+        data=data, method=method, relations=relations, out=out, backbone=backbone,
+        weights=_parse_pairs(weights, "--weight"), set_values=set_values, device=device, dtype=dtype,
+        resume=resume, quiet=quiet,
+    ))
+    if not summary.main:
+        return
+    for r in summary.results:
+        loss = f"loss {r.first_loss:.4f} -> {r.last_loss:.4f} over {r.steps} steps" if r.steps else "no loss log"
+        what = f"trained in {r.seconds:.1f} s" if r.trained else "already trained"
+        click.echo(f"{r.relation}: {what} as {r.name} ({loss})")
+    click.echo(f"bank: {summary.bank}")
+
+
 # -- convert ------------------------------------------------------------------------------
 @cli.group(cls=_Group)
 def convert():
@@ -333,6 +411,28 @@ def lora_list(bank):
     entries = loras.entries()
     rows = [[e.name, e.file, e.rank, e.steps, e.base_model, e.created] for e in entries]
     click.echo(tabulate(rows, headers=["name", "file", "rank", "steps", "base model", "created"]))
+
+
+@lora.command("import")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--relation", default=None,
+              help="The relation one LoRA (SOURCE: its file or folder) is for; without it every folder under "
+                   "SOURCE holding a pytorch_lora_weights.safetensors is one relation, named by the folder.")
+@click.option("--bank", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="LoRA bank to add to (default: RelationBooth's, $RELBENCH_CACHE/relationbooth/loras).")
+def lora_import(source, relation, bank):
+    """Released RelationLoRAs (e.g. the authors', hub QingyuShi/DreamRelation) into a bank, checked first."""
+    from tabulate import tabulate
+
+    from .methods.lora.bank import LoraBank
+    from .methods.relationbooth.lora import default_bank, import_loras
+
+    loras = LoraBank(bank or default_bank())
+    done = import_loras(source, loras, relation)
+    rows = [[e.name, e.info.get("rank"), e.info.get("sha256", "")[:12], "added" if added else "already in the bank"]
+            for e, added in done]
+    click.echo(tabulate(rows, headers=["relation", "rank", "sha256", ""]))
+    click.echo(f"bank: {loras.root}")
 
 
 # -- score / compare -----------------------------------------------------------------------

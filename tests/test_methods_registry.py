@@ -6,6 +6,7 @@ Generated from the registry, so a new card is covered the day it lands.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -24,6 +25,20 @@ def dreambench_only_cases() -> list[str]:
     return [next(c.id for c in cases if c.kind == kind) for kind in ("single", "multi")]
 
 
+def train_relations_of(case_ids: list[str], card: str, tmp_path) -> None:
+    """A RelationLoRA per relation of the cases, each trained on the example set's `hug`
+    samples (generation needs one per relation; what it learns does not matter here)."""
+    from relationbench.methods.relationbooth.method import relation_key
+
+    example, data = tmp_path / "example", tmp_path / "triplets"
+    assert CliRunner().invoke(cli, ["data", "example-triplets", str(example)]).exit_code == 0
+    cases = {c.id: c for c in load_suite("relationbench").cases}
+    for relation in {relation_key(cases[i].relation) for i in case_ids}:
+        shutil.copytree(example / "hug", data / relation)
+    res = CliRunner().invoke(cli, ["train", "--method", card, "--data", str(data), "--backbone", "tiny", "--quiet"])
+    assert res.exit_code == 0, res.output
+
+
 @pytest.mark.parametrize("name", default_registry().names())
 def test_card_generates_on_tiny(name, tmp_path, monkeypatch):
     """As registered: a training card runs its own `tiny:` smoke schedule, in seconds."""
@@ -38,6 +53,8 @@ def test_card_generates_on_tiny(name, tmp_path, monkeypatch):
         assert res.exit_code == 0, res.output
     out = tmp_path / "run"
     ids = dreambench_only_cases()
+    if hasattr(card.adapter_class(), "train_relation"):
+        train_relations_of(ids, name, tmp_path)
     res = CliRunner().invoke(cli, ["generate", "--method", name, "--backbone", "tiny", "--cases", ",".join(ids),
                                    "--batch-size", "2", "--data-dir", str(data), "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output

@@ -32,6 +32,27 @@ class BackbonePreset:
 
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 
+# SDXL base 1.0's unet/config.json: the fields that shape the network (public values), for
+# checks on the meta device and benchmarks with random weights at full size.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+
 PRESETS: dict[str, BackbonePreset] = {
     "sdxl": BackbonePreset(
         name="sdxl",

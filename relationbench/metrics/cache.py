@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..images import READER_VERSION
+from ..paths import cache_root
 
 
 def cache_file(folder: Path, encoder_id: str, dtype: str) -> Path:
@@ -69,5 +70,4 @@ class EmbeddingCache:
 
 def default_cache_dir() -> Path:
     """Where reference-image embeddings are kept: $RELBENCH_CACHE or ~/.cache/relationbench."""
-    root = os.environ.get("RELBENCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "relationbench")
-    return Path(root) / "embeddings"
+    return cache_root() / "embeddings"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import ClassVar, Hashable, Sequence
 
 from ...data import reference_images, sha256_file
+from ...paths import cache_root
 from ..base import Context, Request, Sample
 from ..lora.bank import BankAdapters, LoraBank
 from ..lora.trainer import NOT_LEARNED
@@ -61,9 +62,8 @@ class DreamBoothSettings(TrainSettings):
 
 
 def _cache_root(settings: DreamBoothSettings) -> Path:
-    root = settings.cache_dir or os.environ.get("RELBENCH_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "relationbench")
-    return Path(root).expanduser() / "dreambooth"
+    root = Path(settings.cache_dir).expanduser() if settings.cache_dir else cache_root()
+    return root / "dreambooth"
 
 
 def _digest(obj) -> str:

@@ -3,6 +3,7 @@
     BANK/index.json                               {"version": 1, "loras": {name: entry}}
     BANK/<name>/pytorch_lora_weights.safetensors  the trainer's output folder, as written
     BANK/<name>/lora_settings.json, loss.jsonl
+                                                  (an imported LoRA: the file and what is known of it)
 
 An entry records the file, the trainer settings, the base model (the backbone description)
 and when it was added, plus what its method wants to remember (subjects, a relation, ...).
@@ -135,6 +136,23 @@ class LoraBank:
             atomic_write_text(self.index_path, json.dumps(
                 {"version": INDEX_VERSION, "loras": {k: asdict(e) for k, e in sorted(entries.items())}}, indent=2) + "\n")
         return entry
+
+    def add_file(self, name: str, weights: Path, *, base: Mapping[str, Any], settings: Mapping[str, Any],
+                 info: Mapping[str, Any] | None = None) -> BankEntry:
+        """Record a LoRA file made elsewhere (e.g. a released one) as `name`: folder(name) gets a
+        copy of it as WEIGHT_NAME and `settings` (what is known of how it was made: rank, ...)
+        as its settings file, complete or not at all, then the index entry."""
+        folder = self.folder(name)
+        if folder.exists():
+            raise FileExistsError(f"{folder} exists: a LoRA in a bank is never overwritten")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        shutil.copyfile(weights, tmp / WEIGHT_NAME)
+        (tmp / SETTINGS_NAME).write_text(json.dumps(dict(settings), indent=2) + "\n")
+        os.replace(tmp, folder)
+        return self.add(name, base=base, info=info)
 
 
 class BankAdapters:
