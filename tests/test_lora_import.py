@@ -29,6 +29,7 @@ from relationbench.methods.relationbooth.lora import (
 )
 
 from .lora_reference import merged
+from .test_lora_bank import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,15 +65,6 @@ def by_hand(unet, state: dict[str, torch.Tensor], scale: float = 1.0):
     """A copy of the UNet with W + scale * B A written into it (lora_reference's merge)."""
     named = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in state.items()}
     return merged(unet, {k: v * scale if ".up." in k else v for k, v in named.items()})
-
-
-def run(unet) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return unet(torch.randn(1, 4, 8, 8, generator=g), 500,
-                    encoder_hidden_states=torch.randn(1, 77, 96, generator=g),
-                    added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=g),
-                                       "time_ids": torch.randn(1, 6, generator=g)}).sample
 
 
 def loaded(pipe, file, name: str) -> torch.Tensor:

@@ -46,9 +46,9 @@ from PIL import Image
 
 from ..errors import UserError
 from ..images import read_image
-from ..userfiles import load_json, read_text, show, type_problem
+from ..userfiles import show, type_problem
 from .triplets import MAX_ENTITIES, N_KEYPOINTS, RELATION_NAME, KEYPOINT_SCHEMAS, Problem, TripletSet, \
-    keypoints_record, new_folder, problems_error, sample_files, scan_triplets, write_manifest
+    keypoints_record, new_folder, problems_error, read_json_object, sample_files, scan_triplets, write_manifest
 
 PROMPTS = "prompts.json"
 MASK_THRESHOLD = 128  # grey level: their code keeps mask >= 0.5 after ToTensor (x / 255)
@@ -140,13 +140,8 @@ def _read_relation(folder: Path, problems: list[Problem]) -> list[tuple[str, dic
     """(sample id, record) pairs of prompts.json, in file order; sample folders without a record
     are problems."""
     path = folder / PROMPTS
-    try:
-        data = load_json(read_text(path), path)
-    except UserError as exc:
-        problems.append(Problem(path, exc.message))
-        return []
-    if not isinstance(data, dict):
-        problems.append(Problem(path, f"must map each sample id to its record, got {show(data)}"))
+    data = read_json_object(path, problems, "an object mapping each sample id to its record")
+    if data is None:
         return []
     if not data:
         problems.append(Problem(path, "no samples"))

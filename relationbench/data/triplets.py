@@ -302,15 +302,23 @@ def scan_triplets(root: str | Path, relations: Sequence[str] | None = None, *, q
     return problems, found
 
 
-def _read_manifest(path: Path, problems: list[Problem]) -> list[Any]:
-    """The manifest's sample records ([] with a problem when the file itself is wrong)."""
+def read_json_object(path: Path, problems: list[Problem], what: str) -> dict | None:
+    """A JSON file that must hold an object (`what` says which), or None with a problem."""
     try:
         data = load_json(read_text(path), path)
     except UserError as exc:
         problems.append(Problem(path, exc.message))
-        return []
+        return None
     if not isinstance(data, dict):
-        problems.append(Problem(path, f"must be a JSON object with a 'samples' list, got {show(data)}"))
+        problems.append(Problem(path, f"must be {what}, got {show(data)}"))
+        return None
+    return data
+
+
+def _read_manifest(path: Path, problems: list[Problem]) -> list[Any]:
+    """The manifest's sample records ([] with a problem when the file itself is wrong)."""
+    data = read_json_object(path, problems, "a JSON object with a 'samples' list")
+    if data is None:
         return []
     bad = False
     for key in sorted(set(data) - set(_TOP_FIELDS)):
@@ -632,6 +640,7 @@ __all__ = [
     "mask_box",
     "new_folder",
     "problems_error",
+    "read_json_object",
     "read_mask",
     "sample_files",
     "scan_triplets",
