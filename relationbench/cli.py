@@ -438,6 +438,8 @@ def lora_import(source, relation, bank):
 # -- score / compare -----------------------------------------------------------------------
 @cli.command("score")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--metrics", "metric_names", default="clip_t,clip_r,clip_i,dino", show_default=True,
+              help="Metrics to compute: `all` or names (see `relbench metrics`); the paper's four come together.")
 @click.option("--protocol", type=click.Choice(sorted(PROTOCOLS)), default="paper", show_default=True,
               help="Metric convention; its name is written next to every score.")
 @click.option("--clip", "clip_arch", type=click.Choice(list(CLIP_KEYS)), default="ViT-B-32", show_default=True,
@@ -445,7 +447,7 @@ def lora_import(source, relation, bank):
 @click.option("--backbone", default="auto", show_default=True,
               help="Encoder weights: auto (each run with its own backbone's: tiny runs tiny), sdxl or tiny.")
 @click.option("--weight", "weights", multiple=True, metavar="KEY=PATH_OR_ID",
-              help="Replace an encoder's weights (clip, clip_l14, dino).")
+              help="Replace a scoring model's weights (clip, clip_l14, dino, vqa, detector).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -458,7 +460,7 @@ def lora_import(source, relation, bank):
               help="Where leaderboard.{md,csv,tex} go (default: the one of PATHS that holds the others).")
 @_data_dir
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score_cmd(paths, protocol, clip_arch, backbone, weights, device, dtype, batch_size, workers, bootstrap, seed,
+def score_cmd(paths, metric_names, protocol, clip_arch, backbone, weights, device, dtype, batch_size, workers, bootstrap, seed,
               with_ci, leaderboard_dir, data_dir, quiet):
     """Score every run below PATHS (scores.csv per run) and write the leaderboard; rerun to add new images.
 
@@ -471,12 +473,14 @@ def score_cmd(paths, protocol, clip_arch, backbone, weights, device, dtype, batc
 
     out = leaderboard_dir or default_leaderboard_dir(paths)  # refused here, before anything is written
     summary = score(ScoreOptions(
-        paths=paths, protocol=protocol, clip=clip_arch, backbone=backbone, weights=_parse_pairs(weights, "--weight"),
+        paths=paths, metrics=metric_names, protocol=protocol, clip=clip_arch, backbone=backbone, weights=_parse_pairs(weights, "--weight"),
         device=device, dtype=dtype, batch_size=batch_size, workers=workers, data_dir=data_dir, quiet=quiet,
     ))
     written = build_leaderboard(summary.runs, out, n_boot=bootstrap, seed=seed, with_ci=with_ci)
     click.echo(f"{len(summary.runs)} run(s): {summary.scored} image(s) scored, {summary.skipped} already scored "
                f"({summary.seconds:.1f} s)")
+    if summary.families:
+        click.echo("scored per family: " + ", ".join(f"{f} {n}" for f, n in summary.families.items()))
     click.echo("leaderboard: " + ", ".join(str(p) for p in written))
     if summary.stale_rows:
         click.echo(f"dropped {summary.stale_rows} score row(s) whose image was regenerated or removed since it "
@@ -504,14 +508,32 @@ def score_cmd(paths, protocol, clip_arch, backbone, weights, device, dtype, batc
 @click.option("--bootstrap", type=int, default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def compare_cmd(run_a, run_b, bootstrap, seed):
-    """RUN_A minus RUN_B on the cases both scored: paired bootstrap 95% CI per metric."""
+    """RUN_A minus RUN_B on the cases both scored: paired bootstrap 95% CI per metric, every
+    metric both runs have (direction: which way is better)."""
     from tabulate import tabulate
 
-    from .report.aggregate import compare, load_run_scores
+    from .report.aggregate import compare_runs
 
-    table = compare(load_run_scores(run_a), load_run_scores(run_b), n_boot=bootstrap, seed=seed)
+    table = compare_runs(run_a, run_b, n_boot=bootstrap, seed=seed)
     click.echo(f"A = {run_a}\nB = {run_b}")
     click.echo(tabulate(table, headers="keys", showindex=False, floatfmt=".2f"))
+
+
+@cli.command("metrics")
+def metrics_cmd():
+    """Every metric `relbench score --metrics` knows: columns (↑ higher / ↓ lower is better),
+    family (its file), models (weight keys) and what it measures."""
+    from tabulate import tabulate
+
+    from .metrics.registry import FAMILIES, METRICS, PAPER
+    from .runs import FAMILY_SCORES
+
+    rows = [[m.name, ", ".join(f"{c.name} {'↑' if c.direction == 'higher' else '↓'}" for c in m.columns if c.summary),
+             m.family, ", ".join(m.models), m.description] for m in METRICS.values()]
+    click.echo(tabulate(rows, headers=["metric", "columns", "family", "models", "measures"]))
+    files = [f"{f} -> {'scores.csv (the four come together)' if f == PAPER else FAMILY_SCORES.format(family=f)}"
+             for f in FAMILIES]
+    click.echo("\nfamilies: " + ", ".join(files) + "; grounded also writes per-subject columns (_1, _2)")
 
 
 def main(argv=None):

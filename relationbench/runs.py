@@ -6,6 +6,7 @@
     <run>/manifest.jsonl    one line per finished image, with the file's size and sha256
     <run>/images/<case_id>/<k>.png
     <run>/scores.csv        one row per scored image and protocol (relbench score)
+    <run>/scores-<family>.csv  one row per scored image and model of a metric family (vqa, grounded)
 
 An image counts only once its manifest line exists. Images are written under a temporary
 name, flushed and renamed, then the line is appended (one write, under a file lock), so a
@@ -50,6 +51,10 @@ SCORE_COLUMNS = (
     "clip_i_1", "clip_i_2", "dino_1", "dino_2", "text", "predicate", "predicate_source", "protocol",
     "clip_encoder", "dino_encoder", "image_sha256",
 )
+# a family's file (scores-vqa.csv, scores-grounded.csv; metrics/registry.py): these keys, then
+# the family's columns; `model` is the scorer's id (its weights, and dtype when not fp32)
+FAMILY_SCORES = "scores-{family}.csv"
+FAMILY_KEY_COLUMNS = ("case_id", "index", "kind", "image_sha256", "model")
 SCORE_FLOAT_COLUMNS = ("clip_t", "clip_r", "clip_i", "dino", "clip_i_1", "clip_i_2", "dino_1", "dino_2")
 TMP_SUFFIX = ".tmp"
 SEED_RULE = "sample 0: the case seed; sample k > 0: first 4 bytes of sha256('<case seed>:<k>'), big-endian"
@@ -270,39 +275,61 @@ class RunDir:
         return path
 
     # -- scores ---------------------------------------------------------------------------
+    def score_table(self) -> "ScoreTable":
+        """scores.csv: the paper family's rows (SCORE_COLUMNS)."""
+        return ScoreTable(self.scores, SCORE_COLUMNS)
+
+    def family_table(self, family: str, columns: tuple[str, ...]) -> "ScoreTable":
+        """scores-<family>.csv: FAMILY_KEY_COLUMNS, then the family's columns."""
+        return ScoreTable(self.root / FAMILY_SCORES.format(family=family), (*FAMILY_KEY_COLUMNS, *columns))
+
     def read_scores(self) -> list[dict[str, str]]:
-        """The rows of scores.csv (a torn last line dropped); refuses a file whose header is not
-        SCORE_COLUMNS.
+        return self.score_table().read()
+
+    def append_scores(self, rows: list[dict]) -> None:
+        self.score_table().append(rows)
+
+    def write_scores(self, rows: list[dict]) -> None:
+        self.score_table().write(rows)
+
+
+class ScoreTable:
+    """One per-image score file with a fixed header: read, append (locked), replace (atomic)."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...]):
+        self.path, self.columns = Path(path), tuple(columns)
+
+    def read(self) -> list[dict[str, str]]:
+        """The rows (a torn last line dropped); refuses a file whose header is not `columns`.
 
         Call while holding SCORE_LOCK.
         """
-        if not self.scores.exists():
+        if not self.path.exists():
             return []
-        _drop_torn_tail(self.scores)
-        with open(self.scores, newline="", encoding="utf-8") as f:
+        _drop_torn_tail(self.path)
+        with open(self.path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames != list(SCORE_COLUMNS):
+            if reader.fieldnames != list(self.columns):
                 raise UserError(
-                    "scores.csv has other columns than this version of relbench writes",
-                    path=self.scores,
+                    f"{self.path.name} has other columns than this version of relbench writes",
+                    path=self.path,
                     hint="delete it (it is derived data) and score again",
                 )
             return list(reader)
 
-    def append_scores(self, rows: list[dict]) -> None:
-        """Append rows (keys: SCORE_COLUMNS) to scores.csv in one locked write, with the header
-        if the file is new."""
-        new = not self.scores.exists() or self.scores.stat().st_size == 0
-        _append_locked(self.scores, _csv_text(rows, header=new).encode())
+    def append(self, rows: list[dict]) -> None:
+        """Append rows in one locked write, with the header if the file is new."""
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        _append_locked(self.path, _csv_text(rows, self.columns, header=new).encode())
 
-    def write_scores(self, rows: list[dict]) -> None:
-        """Replace scores.csv with these rows, atomically. Call while holding SCORE_LOCK."""
-        atomic_write_text(self.scores, _csv_text(rows, header=True))
+    def write(self, rows: list[dict]) -> None:
+        """Replace the file with these rows, atomically. Call while holding SCORE_LOCK."""
+        atomic_write_text(self.path, _csv_text(rows, self.columns, header=True))
 
 
-def _csv_text(rows: list[dict], header: bool) -> str:
+def _csv_text(rows: list[dict], columns: tuple[str, ...], header: bool) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SCORE_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     if header:
         writer.writeheader()
     writer.writerows(rows)

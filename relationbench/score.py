@@ -7,6 +7,13 @@ in worker processes, encoding in batches, embeddings cached on disk by content h
 append rows as batches finish. The leaderboard is report/'s (the CLI calls both): this module
 writes nothing but scores.csv and the embedding caches.
 
+Metrics come in families (metrics/registry.py): "paper" (the four CLIP/DINO scores,
+scores.csv) and the families a FamilyScorer computes ("vqa", "grounded": scores-<family>.csv,
+keyed by the scorer's id in column `model`). One decoding pass feeds them all: an image is
+decoded once, preprocessed for CLIP and DINO if those embeddings are not cached, and handed to
+each family that still lacks it. A family's values are cached by (family, model id, image
+sha256) in <run>/.cache, like the embeddings.
+
 A bad image (missing, truncated, not an image, changed since it was generated) is reported by
 path and skipped; the rest is scored. Scores are keyed by (case, sample, image sha256,
 protocol, encoders): rescoring is a no-op, and a row whose image is no longer the manifest's
@@ -27,7 +34,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -37,8 +44,9 @@ from .images import read_image
 from .metrics.cache import EmbeddingCache, cache_file, default_cache_dir
 from .metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS
 from .metrics.protocols import Protocol, get_protocol
+from .metrics.registry import PAPER, FamilyScorer, ImageItem, family_columns, parse_metrics
 from .metrics.scores import clip_score, mean_pair_cosine
-from .runs import SCORE_LOCK, SUITE_COPIES, RunDir, image_key
+from .runs import SCORE_LOCK, SUITE_COPIES, RunDir, ScoreTable, image_key
 from .suites import Case, Subject, Suite, available_suites, find_phrase, load_suite
 
 if TYPE_CHECKING:
@@ -54,6 +62,7 @@ CHANGED_ON_DISK = ("changed on disk since it was generated (its sha256 is not th
 @dataclass
 class ScoreOptions:
     paths: Sequence[str | Path]
+    metrics: str = "clip_t,clip_r,clip_i,dino"  # "all" or names (metrics/registry.py); the paper's four by default
     protocol: str = "paper"
     clip: str = "ViT-B-32"  # open_clip architecture: ViT-B-32 (the paper's) or ViT-L-14
     backbone: str = "auto"  # auto: each run with the encoders of its own backbone (tiny runs: tiny)
@@ -89,6 +98,7 @@ class ScoreSummary:
     # one flat colour (e.g. NaN latents), scored anyway; seen when decoded, so an image whose
     # embeddings were cached by an earlier scoring is not checked again
     constant_images: list[str] = field(default_factory=list)
+    families: dict[str, int] = field(default_factory=dict)  # family -> images it scored now
 
 
 # --------------------------------------------------------------------------- what to score
@@ -174,6 +184,11 @@ class Item:
     path: Path
     predicate: str | None  # CLIP-R's text (None: no relation)
     predicate_source: str
+    families: set[str] = field(default_factory=set)  # the families that still lack this image
+
+
+# method adapters that take the case boxes: grounded identity scores their layout IoU
+LAYOUT_ADAPTERS = ("relationbench.methods.msdiffusion", "relationbench.methods.relationbooth")
 
 
 @dataclass
@@ -182,13 +197,26 @@ class RunPlan:
     meta: dict[str, Any]
     backbone: str  # the backbone whose encoders score it
     items: list[Item] = field(default_factory=list)
+    tables: dict[str, ScoreTable] = field(default_factory=dict)  # family -> its file
     skipped: int = 0
     stale_rows: int = 0
     drift: SuiteDrift | None = None
-    cache: dict[str, EmbeddingCache] = field(default_factory=dict)  # encoder id -> its cache here
+    # encoder id (paper) or "<family>|<model id>" -> its cache here
+    cache: dict[str, EmbeddingCache] = field(default_factory=dict)
+
+    @property
+    def uses_layout(self) -> bool:
+        return str((self.meta.get("method") or {}).get("adapter", "")).startswith(LAYOUT_ADAPTERS)
 
 
-def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan:
+PAPER_GROUP = ("protocol", "clip_encoder", "dino_encoder")  # a scores.csv row's score group
+FAMILY_GROUP = ("model",)  # a family file row's
+
+
+def _plan(run_dir: Path, opts: ScoreOptions, ids: Callable[[str, str], tuple[str, ...]], families: Sequence[str],
+          failures: list) -> RunPlan:
+    """What a run lacks. ids(family, backbone): the score group an up-to-date row carries
+    (paper: protocol and encoder ids; other families: the model id)."""
     run = RunDir(run_dir)
     meta = run.read_meta() or {}
     made_with = (meta.get("backbone") or {}).get("name", "sdxl")
@@ -198,14 +226,20 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan
     # one image per (case, sample): a regenerated image's later manifest line wins, and only
     # rows of that image count, so no image is scored (and counted on the leaderboard) twice
     latest = run.latest()
-    rows = run.read_scores()
-    kept, plan.stale_rows = _current_rows(run, latest, rows)
-    if plan.stale_rows:
-        run.write_scores(kept)
-    group = (opts.protocol, *ids_for(backbone))
-    done = {image_key(r) for r in kept if (r["protocol"], r["clip_encoder"], r["dino_encoder"]) == group}
+    done: dict[str, set[tuple[str, int]]] = {}
+    for family in families:
+        table = run.score_table() if family == PAPER else run.family_table(family, _columns(family))
+        group_columns = PAPER_GROUP if family == PAPER else FAMILY_GROUP
+        kept, stale = _current_rows(run, latest, table.read(), group_columns)
+        if stale:
+            table.write(kept)
+        plan.stale_rows += stale
+        plan.tables[family] = table
+        group = ids(family, backbone)
+        done[family] = {image_key(r) for r in kept if tuple(r[c] for c in group_columns) == group}
     for key, record in latest.items():
-        if key in done:
+        pending = {f for f in families if key not in done[f]}
+        if not pending:
             plan.skipped += 1
             continue
         path = run.root / record["path"]
@@ -214,11 +248,16 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids_for, failures: list) -> RunPlan
         except KeyError:
             failures.append((str(path), f"case {record['case_id']!r} is not in suite {suite.name!r}"))
             continue
-        plan.items.append(Item(plan, case, record, path, *case_predicate(case, suite)))
+        plan.items.append(Item(plan, case, record, path, *case_predicate(case, suite), families=pending))
     return plan
 
 
-def _current_rows(run: RunDir, latest: dict[tuple[str, int], dict], rows: list[dict]) -> tuple[list[dict], int]:
+def _columns(family: str) -> tuple[str, ...]:
+    return tuple(c.name for c in family_columns(family))
+
+
+def _current_rows(run: RunDir, latest: dict[tuple[str, int], dict], rows: list[dict],
+                  group_columns: Sequence[str] = PAPER_GROUP) -> tuple[list[dict], int]:
     """(the rows of the images the manifest now holds, one per image and score group; how many
     other rows there were). A line of an older manifest has no sha256: its file is hashed."""
     def current_sha(record: dict) -> str | None:
@@ -229,7 +268,7 @@ def _current_rows(run: RunDir, latest: dict[tuple[str, int], dict], rows: list[d
     kept, seen = [], set()
     for r in rows:
         key = image_key(r)
-        slot = (key, r["protocol"], r["clip_encoder"], r["dino_encoder"])
+        slot = (key, *(r[c] for c in group_columns))
         if slot not in seen and r["image_sha256"] == shas.get(key):
             kept.append(r)
             seen.add(slot)
@@ -317,27 +356,34 @@ def _suite_changes(kept: Suite, path: Path) -> list[str]:
 
 
 class _ImageFiles:
-    """Dataset over image files: read, hash, and decode + preprocess unless already cached.
+    """Dataset over image files: read, hash, and decode what a consumer still lacks.
 
-    Runs in DataLoader workers; returns errors instead of raising, so one bad file never
-    stops the others.
+    known[i]: the hashes whose CLIP and DINO embeddings are cached (None: the paper family does
+    not want image i); pixels[i]: a family scorer wants image i's pixels (its values are not
+    cached). An image is decoded only if something lacks it: preprocessed for CLIP and DINO,
+    and its pixels (H x W x 3 uint8) kept for the families. Runs in DataLoader workers; returns
+    errors instead of raising, so one bad file never stops the others.
     """
 
-    def __init__(self, paths: list[Path], known: list[set[str]]):
-        self.paths, self.known = paths, known  # known[i]: hashes whose embeddings are cached
+    def __init__(self, paths: list[Path], known: list[set[str] | None], pixels: list[bool] | None = None):
+        self.paths, self.known = paths, known
+        self.pixels = pixels or [False] * len(paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"i": i, "sha": None, "error": None, "constant": False, "clip": None, "dino": None}
+        out: dict[str, Any] = {"i": i, "sha": None, "error": None, "constant": False, "clip": None, "dino": None,
+                               "pixels": None}
         try:
             data = self.paths[i].read_bytes()
         except OSError as exc:
             out["error"] = f"cannot read: {exc.strerror or exc}"
             return out
-        out["sha"] = hashlib.sha256(data).hexdigest()
-        if out["sha"] in self.known[i]:
+        sha = out["sha"] = hashlib.sha256(data).hexdigest()
+        embed = self.known[i] is not None and sha not in self.known[i]
+        keep = self.pixels[i]
+        if not (embed or keep):
             return out
         try:  # one bad generated image is reported in its row, it does not stop the scoring
             image = read_image(data, name=self.paths[i])
@@ -346,12 +392,15 @@ class _ImageFiles:
             return out
         pixels = np.asarray(image)
         out["constant"] = bool((pixels == pixels[:1, :1]).all())  # one flat colour: the NaN-latent symptom
-        out["clip"], out["dino"] = CLIP_PREPROCESS(image), DINO_PREPROCESS(image)
+        if embed:
+            out["clip"], out["dino"] = CLIP_PREPROCESS(image), DINO_PREPROCESS(image)
+        if keep:
+            out["pixels"] = pixels
         return out
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the decoded images into tensors (shared memory between processes)."""
+    """Stack the preprocessed images into tensors (shared memory between processes)."""
     import torch
 
     decoded = [it for it in items if it["clip"] is not None]
@@ -360,6 +409,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "decoded": [it["i"] for it in decoded],
         "clip": torch.from_numpy(np.stack([it["clip"] for it in decoded])) if decoded else None,
         "dino": torch.from_numpy(np.stack([it["dino"] for it in decoded])) if decoded else None,
+        "pixels": {it["i"]: it["pixels"] for it in items if it["pixels"] is not None},
     }
 
 
@@ -444,7 +494,7 @@ def encoder_ids(backbone: "Backbone", arch: str, dtype_name: str) -> tuple[str, 
 
 
 def _rows(items: list[Item], clip_emb: np.ndarray, dino_emb: np.ndarray, shas: list[str], enc: _Encoders,
-          refs: dict, protocol: Protocol) -> list[dict[str, Any]]:
+          refs: "References", protocol: Protocol) -> list[dict[str, Any]]:
     """The scores.csv rows of a batch of encoded images."""
     texts = [scoring_text(it.case, it.record) for it in items]
     text_emb = enc.texts(texts + [it.predicate for it in items if it.predicate])
@@ -455,7 +505,7 @@ def _rows(items: list[Item], clip_emb: np.ndarray, dino_emb: np.ndarray, shas: l
                   if it.predicate else math.nan)
         per_subject = []
         for subject in it.case.subjects:
-            r = refs.get((subject.source, subject.dir))
+            r = refs(subject)
             if r is None:
                 per_subject.append((math.nan, math.nan))
             else:
@@ -485,71 +535,214 @@ def _fmt(value: float) -> str:
     return "" if math.isnan(value) else f"{float(value):.6f}"
 
 
-def _score_group(plans: list[RunPlan], enc: _Encoders, protocol: Protocol, opts: ScoreOptions, root: Path,
-                 device: str, bar, failures: list, missing: dict[str, str], constant: list[str]) -> int:
+# a subject -> its references' (CLIP, DINO) embeddings, None when it has none
+References = Callable[[Subject], "tuple[np.ndarray, np.ndarray] | None"]
+
+
+def _references(enc: _Encoders, root: Path, missing: dict[str, str]) -> References:
+    """The subjects' reference embeddings (embedded once, cached on disk); a subject without
+    references is noted in `missing` with the command that fetches them."""
+    cache_dir = default_cache_dir()
+
+    def refs(subject: Subject):
+        found = enc.references(subject, root, cache_dir)
+        if found is None:
+            missing[subject.name] = get_command(subject.source)
+        return found
+
+    return refs
+
+
+@dataclass(frozen=True)
+class FamilySource:
+    """How the driver gets a family's scorer: the model id its rows carry (column `model`),
+    known without loading anything (to see what is pending), and the scorer itself, loaded only
+    when an image lacks its values."""
+
+    model_id: Callable[["Backbone", ScoreOptions, str], str]  # (backbone, options, dtype name)
+    # (backbone, options, device, torch dtype, encoders, references) -> the scorer
+    load: Callable[["Backbone", ScoreOptions, str, Any, "_Encoders | None", "References | None"], FamilyScorer]
+    encoders: bool  # it needs score.py's CLIP and DINO encoders and the subjects' references
+
+
+def _vqa_id(backbone: "Backbone", opts: ScoreOptions, dtype_name: str) -> str:
+    """The VLM's id (scorer.id)."""
+    from .devices import resolve_dtype
+    from .metrics.vqa import vqa_id
+
+    return vqa_id(backbone, resolve_dtype(dtype_name, "cpu"))
+
+
+def _vqa_load(backbone: "Backbone", opts: ScoreOptions, device: str, dtype, enc, refs) -> FamilyScorer:
+    from .metrics.vqa import load_vqa_scorer
+
+    return load_vqa_scorer(backbone, device, dtype)
+
+
+def _grounded_id(backbone: "Backbone", opts: ScoreOptions, dtype_name: str) -> str:
+    """The detector's id (scorer.id), then the crop encoders' and the protocol's: all three set
+    the values, so a row is done only under the same three."""
+    from .metrics.detector import detector_id
+
+    return " + ".join((detector_id(backbone, dtype_name), *encoder_ids(backbone, opts.clip, dtype_name), opts.protocol))
+
+
+def _grounded_load(backbone: "Backbone", opts: ScoreOptions, device: str, dtype, enc: _Encoders,
+                   refs: References) -> FamilyScorer:
+    from .metrics.grounded import embed_with, load_grounded_scorer
+
+    return load_grounded_scorer(backbone, embed_with(enc.clip, enc.dino), refs,
+                                get_protocol(opts.protocol).image_scale, device, dtype)
+
+
+FAMILY_SOURCES: dict[str, FamilySource] = {
+    "vqa": FamilySource(_vqa_id, _vqa_load, encoders=False),
+    "grounded": FamilySource(_grounded_id, _grounded_load, encoders=True),
+}
+
+
+def _value_key(it: Item, sha: str) -> str:
+    """A family value's cache key: the image, and what of the case the scorer reads (the same
+    picture in two cases asks two questions)."""
+    what = "|".join((sha, it.case.id, scoring_text(it.case, it.record), it.predicate or "", str(it.run.uses_layout)))
+    return hashlib.sha256(what.encode()).hexdigest()
+
+
+@dataclass
+class _Group:
+    """The runs of one backbone being scored, with what scores them."""
+
+    plans: list[RunPlan]
+    enc: _Encoders | None  # None when no pending family needs CLIP and DINO
+    refs: References | None
+    protocol: Protocol
+    ids: dict[str, str]  # family (other than paper) -> model id
+    scorer: Callable[[str], FamilyScorer]  # family -> its scorer, loaded on first use
+
+
+def _scorer_loader(backbone: "Backbone", opts: ScoreOptions, device: str, dtype, enc: _Encoders | None,
+                   refs: References | None) -> Callable[[str], FamilyScorer]:
+    """family -> its scorer, loaded on the first call."""
+    loaded: dict[str, FamilyScorer] = {}
+
+    def scorer(family: str) -> FamilyScorer:
+        if family not in loaded:
+            loaded[family] = FAMILY_SOURCES[family].load(backbone, opts, device, dtype, enc, refs)
+        return loaded[family]
+
+    return scorer
+
+
+def _score_group(g: _Group, opts: ScoreOptions, device: str, bar, failures: list, constant: list[str],
+                 counts: dict[str, int]) -> int:
     """Score the pending images of runs sharing one backbone; returns how many were scored.
-    Appends to failures, missing (references) and constant (paths of flat images, decoded here)."""
+    Appends to failures and constant (paths of flat images, decoded here); counts[family] +=
+    the images each family scored."""
     from torch.utils.data import DataLoader
 
-    ref_cache = default_cache_dir()
-    refs: dict[tuple[str, str], Any] = {}
-    items = [it for p in plans for it in p.items]
-    for it in items:
-        for s in it.case.subjects:
-            if (s.source, s.dir) not in refs:
-                refs[(s.source, s.dir)] = enc.references(s, root, ref_cache)
-                if refs[(s.source, s.dir)] is None:
-                    missing[s.name] = get_command(s.source)
-    for p in plans:
-        p.cache = {e.id: EmbeddingCache(cache_file(p.run.root / CACHE_DIR, e.id, enc.dtype_name))
-                   for e in (enc.clip, enc.dino)}
-    known = {id(p): p.cache[enc.clip.id].keys() & p.cache[enc.dino.id].keys() for p in plans}
+    enc = g.enc
+    items = [it for p in g.plans for it in p.items]
+    for p in g.plans:
+        if enc is not None:
+            p.cache = {e.id: EmbeddingCache(cache_file(p.run.root / CACHE_DIR, e.id, enc.dtype_name))
+                       for e in (enc.clip, enc.dino)}
+        for family, model in g.ids.items():
+            key = f"{family}|{model}"
+            p.cache[key] = EmbeddingCache(cache_file(p.run.root / CACHE_DIR, key, "values"))
+    known = {id(p): p.cache[enc.clip.id].keys() & p.cache[enc.dino.id].keys() for p in g.plans} if enc else {}
+    # an old manifest line has no sha256: its image is decoded for the families whatever the cache holds
+    pixels = [any(f != PAPER and not (it.record.get("sha256") and _value_key(it, it.record["sha256"])
+                                      in it.run.cache[f"{f}|{g.ids[f]}"]) for f in it.families) for it in items]
     workers = default_workers(device) if opts.workers is None else opts.workers
     if len(items) <= opts.batch_size:
         workers = 0  # starting processes costs more than decoding one batch
     loader = DataLoader(
-        _ImageFiles([it.path for it in items], [known[id(it.run)] for it in items]),
+        _ImageFiles([it.path for it in items],
+                    [known[id(it.run)] if PAPER in it.families else None for it in items], pixels),
         batch_size=opts.batch_size, num_workers=workers, collate_fn=_collate,
         pin_memory=device.startswith("cuda"), prefetch_factor=4 if workers else None,
     )
     scored, last_save = 0, time.monotonic()
     for batch in loader:
-        clip_new = enc.clip.encode_images(batch["clip"]) if batch["clip"] is not None else None
-        dino_new = enc.dino.encode_images(batch["dino"]) if batch["dino"] is not None else None
-        fresh = {i: n for n, i in enumerate(batch["decoded"])}
-        good: list[tuple[Item, str, np.ndarray, np.ndarray]] = []
+        good: list[tuple[Item, str, int]] = []  # (item, sha, dataset index)
         for m in batch["meta"]:
             it = items[m["i"]]
             if m["error"]:
                 failures.append((str(it.path), m["error"]))
-                continue
-            if it.record.get("sha256", m["sha"]) != m["sha"]:
+            elif it.record.get("sha256", m["sha"]) != m["sha"]:
                 failures.append((str(it.path), CHANGED_ON_DISK))
-                continue
-            if m["constant"]:
-                constant.append(str(it.path))
-            clip_cache, dino_cache = it.run.cache[enc.clip.id], it.run.cache[enc.dino.id]
-            if m["i"] in fresh:
-                c, d = clip_new[fresh[m["i"]]], dino_new[fresh[m["i"]]]
-                clip_cache.put(m["sha"], c)
-                dino_cache.put(m["sha"], d)
             else:
-                c, d = clip_cache.get(m["sha"]), dino_cache.get(m["sha"])
-            good.append((it, m["sha"], c, d))
-        by_run: dict[int, list] = defaultdict(list)
-        for g in good:
-            by_run[id(g[0].run)].append(g)
-        for group in by_run.values():
-            rows = _rows([g[0] for g in group], np.stack([g[2] for g in group]), np.stack([g[3] for g in group]),
-                         [g[1] for g in group], enc, refs, protocol)
-            group[0][0].run.run.append_scores(rows)
+                good.append((it, m["sha"], m["i"]))
+                if m["constant"]:
+                    constant.append(str(it.path))
+        paper = [x for x in good if PAPER in x[0].families]
+        if paper:
+            _paper_batch(paper, batch, g)
+            counts[PAPER] = counts.get(PAPER, 0) + len(paper)
+        for family in g.ids:
+            wanting = [x for x in good if family in x[0].families]
+            if wanting:
+                _family_batch(family, wanting, batch["pixels"], g)
+                counts[family] = counts.get(family, 0) + len(wanting)
         scored += len(good)
         bar.update(len(batch["meta"]))
         if time.monotonic() - last_save > 30:  # keep the cache useful if the process is killed
-            _save_caches(plans)
+            _save_caches(g.plans)
             last_save = time.monotonic()
-    _save_caches(plans)
+    _save_caches(g.plans)
     return scored
+
+
+def _paper_batch(good: list[tuple[Item, str, int]], batch: dict[str, Any], g: _Group) -> None:
+    """Encode what the caches lack, append the scores.csv rows."""
+    enc = g.enc
+    clip_new = enc.clip.encode_images(batch["clip"]) if batch["clip"] is not None else None
+    dino_new = enc.dino.encode_images(batch["dino"]) if batch["dino"] is not None else None
+    fresh = {i: n for n, i in enumerate(batch["decoded"])}
+    by_run: dict[int, list] = defaultdict(list)
+    for it, sha, i in good:
+        clip_cache, dino_cache = it.run.cache[enc.clip.id], it.run.cache[enc.dino.id]
+        if i in fresh:
+            c, d = clip_new[fresh[i]], dino_new[fresh[i]]
+            clip_cache.put(sha, c)
+            dino_cache.put(sha, d)
+        else:
+            c, d = clip_cache.get(sha), dino_cache.get(sha)
+        by_run[id(it.run)].append((it, sha, c, d))
+    for group in by_run.values():
+        rows = _rows([x[0] for x in group], np.stack([x[2] for x in group]), np.stack([x[3] for x in group]),
+                     [x[1] for x in group], enc, g.refs, g.protocol)
+        group[0][0].run.tables[PAPER].append(rows)
+
+
+def _family_batch(family: str, good: list[tuple[Item, str, int]], pixels: dict[int, np.ndarray], g: _Group) -> None:
+    """A family's values for a batch: from the cache, else from its scorer (loaded now if it is
+    the first image that needs it); append the scores-<family>.csv rows."""
+    from PIL import Image
+
+    model = g.ids[family]
+    columns = _columns(family)
+    keys = [_value_key(it, sha) for it, sha, _ in good]
+    todo = [n for n, (it, _, _) in enumerate(good) if keys[n] not in it.run.cache[f"{family}|{model}"]]
+    if todo:
+        scorer = g.scorer(family)
+        fresh = scorer.score([
+            ImageItem(image=Image.fromarray(pixels[good[n][2]]), sha256=good[n][1], case=good[n][0].case,
+                      text=scoring_text(good[n][0].case, good[n][0].record), predicate=good[n][0].predicate,
+                      uses_layout=good[n][0].run.uses_layout)
+            for n in todo
+        ])
+        for n, values in zip(todo, fresh):
+            good[n][0].run.cache[f"{family}|{model}"].put(keys[n], np.array([values[c] for c in columns], dtype=float))
+    by_run: dict[int, tuple[RunPlan, list[dict]]] = {}
+    for (it, sha, _), key in zip(good, keys):
+        values = it.run.cache[f"{family}|{model}"].get(key)
+        by_run.setdefault(id(it.run), (it.run, []))[1].append({
+            "case_id": it.case.id, "index": int(it.record["index"]), "kind": it.case.kind, "image_sha256": sha,
+            "model": model, **{c: _fmt(float(v)) for c, v in zip(columns, values)},
+        })
+    for run, rows in by_run.values():
+        run.tables[family].append(rows)
 
 
 def _save_caches(plans: list[RunPlan]) -> None:
@@ -566,6 +759,7 @@ def score(opts: ScoreOptions) -> ScoreSummary:
 
     # 1. check every input, find what is missing; nothing is loaded or written yet
     protocol = get_protocol(opts.protocol)
+    families = list(dict.fromkeys(m.family for m in parse_metrics(opts.metrics)))
     if opts.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     runs = find_runs(opts.paths)
@@ -576,8 +770,11 @@ def score(opts: ScoreOptions) -> ScoreSummary:
             backbones[name] = get_backbone(name, opts.weights if name != "tiny" or opts.backbone != "auto" else None)
         return backbones[name]
 
-    def ids_for(name: str) -> tuple[str, str]:
-        return encoder_ids(backbone_for(name), opts.clip, dtype_label)
+    @functools.lru_cache(maxsize=None)
+    def ids(family: str, name: str) -> tuple[str, ...]:
+        if family == PAPER:
+            return (protocol.name, *encoder_ids(backbone_for(name), opts.clip, dtype_label))
+        return (FAMILY_SOURCES[family].model_id(backbone_for(name), opts, dtype_label),)
 
     # fp32 unless asked otherwise; "auto" depends on the device (and imports torch to see it)
     dtype_label = opts.dtype if opts.dtype != "auto" else dtype_name(resolve_dtype("auto", resolve_device(opts.device)))
@@ -586,26 +783,35 @@ def score(opts: ScoreOptions) -> ScoreSummary:
     failures: list[tuple[str, str]] = []
     missing: dict[str, str] = {}
     constant: list[str] = []
+    counts: dict[str, int] = {}
     scored = 0
     with contextlib.ExitStack() as locks:
         for r in runs:
             locks.enter_context(RunDir(r).lock(SCORE_LOCK))
-        plans = [_plan(r, opts, ids_for, failures) for r in runs]
+        plans = [_plan(r, opts, ids, families, failures) for r in runs]
         pending = sum(len(p.items) for p in plans)
 
-        # 2. score, one backbone's encoders at a time
+        # 2. score, one backbone's models at a time, each loaded only if something lacks it
         if pending:
             device = resolve_device(opts.device)
             dtype = resolve_dtype(opts.dtype, device)
             root = data_root(opts.data_dir)
-            bar = tqdm(total=pending, unit="img", desc=f"score · {protocol.name}", disable=opts.quiet)
+            bar = tqdm(total=pending, unit="img", desc=f"score · {protocol.name} · {', '.join(families)}",
+                       disable=opts.quiet)
             with bar:
                 for name in dict.fromkeys(p.backbone for p in plans):
                     group = [p for p in plans if p.backbone == name and p.items]
-                    if group:
-                        enc = _load_encoders(backbone_for(name), opts, device, dtype)
-                        scored += _score_group(group, enc, protocol, opts, root, device, bar, failures, missing,
-                                               constant)
+                    if not group:
+                        continue
+                    wanted = {f for p in group for it in p.items for f in it.families}
+                    need_enc = PAPER in wanted or any(FAMILY_SOURCES[f].encoders for f in wanted - {PAPER})
+                    backbone = backbone_for(name)
+                    enc = _load_encoders(backbone, opts, device, dtype) if need_enc else None
+                    refs = _references(enc, root, missing) if enc else None
+                    models = {f: ids(f, name)[0] for f in families if f != PAPER and f in wanted}
+                    g = _Group(group, enc, refs, protocol, models,
+                               _scorer_loader(backbone, opts, device, dtype, enc, refs))
+                    scored += _score_group(g, opts, device, bar, failures, constant, counts)
 
     return ScoreSummary(
         runs=runs, scored=scored, skipped=sum(p.skipped for p in plans), failures=failures,
@@ -614,4 +820,5 @@ def score(opts: ScoreOptions) -> ScoreSummary:
         stale_rows=sum(p.stale_rows for p in plans),
         suite_drift=[p.drift for p in plans if p.drift is not None],
         constant_images=constant,
+        families=counts,
     )

@@ -317,7 +317,7 @@ def test_vae_override_forms_and_refusals(tiny_pipe, saved_sdxl, tmp_path):
     with pytest.raises(UserError, match="no weights to override"):
         get_backbone("tiny", {"vae": str(tmp_path)})
     with pytest.raises(UserError, match="did you mean 'vae'") as err:
-        get_backbone("sdxl", {"vea": str(tmp_path)})
+        get_backbone("sdxl", {"vaee": str(tmp_path)})  # ("vea" is as close to the metrics' "vqa")
     assert "keys: sdxl, " in str(err.value) and str(err.value).split("\n")[0].endswith(", vae")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="diffusers layout") as err:

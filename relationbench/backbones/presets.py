@@ -68,6 +68,10 @@ PRESETS: dict[str, BackbonePreset] = {
             "clip": WeightSource.open_clip("ViT-B-32", "openai"),
             "clip_l14": WeightSource.open_clip("ViT-L-14", "openai"),
             "dino": WeightSource.hub("facebook/dino-vits16"),
+            # open-vocabulary detector of the `grounded` metrics (metrics/detector.py: why OWLv2)
+            "detector": WeightSource.hub("google/owlv2-base-patch16-ensemble"),
+            # VLM of the `vqa` metric (metrics/vqa.py); any transformers image-text-to-text model
+            "vqa": WeightSource.hub("Qwen/Qwen2.5-VL-3B-Instruct"),
         },
         sdxl_parts=("vae",),
     ),
