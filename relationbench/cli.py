@@ -449,7 +449,10 @@ def lora_import(source, relation, bank):
 @click.option("--weight", "weights", multiple=True, metavar="KEY=PATH_OR_ID",
               help="Replace a scoring model's weights (clip, clip_l14, dino, vqa, detector).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
+              help="CLIP and DINO (also on grounded crops).")
+@click.option("--model-dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="The VQAScore VLM and the detector: auto = bf16 on a GPU, fp32 on the CPU.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=None, help="Decoding processes (default: from device and cores).")
 @click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -460,7 +463,7 @@ def lora_import(source, relation, bank):
               help="Where leaderboard.{md,csv,tex} go (default: the one of PATHS that holds the others).")
 @_data_dir
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score_cmd(paths, metric_names, protocol, clip_arch, backbone, weights, device, dtype, batch_size, workers, bootstrap, seed,
+def score_cmd(paths, metric_names, protocol, clip_arch, backbone, weights, device, dtype, model_dtype, batch_size, workers, bootstrap, seed,
               with_ci, leaderboard_dir, data_dir, quiet):
     """Score every run below PATHS (scores.csv per run) and write the leaderboard; rerun to add new images.
 
@@ -474,7 +477,8 @@ def score_cmd(paths, metric_names, protocol, clip_arch, backbone, weights, devic
     out = leaderboard_dir or default_leaderboard_dir(paths)  # refused here, before anything is written
     summary = score(ScoreOptions(
         paths=paths, metrics=metric_names, protocol=protocol, clip=clip_arch, backbone=backbone, weights=_parse_pairs(weights, "--weight"),
-        device=device, dtype=dtype, batch_size=batch_size, workers=workers, data_dir=data_dir, quiet=quiet,
+        device=device, dtype=dtype, model_dtype=model_dtype, batch_size=batch_size, workers=workers,
+        data_dir=data_dir, quiet=quiet,
     ))
     written = build_leaderboard(summary.runs, out, n_boot=bootstrap, seed=seed, with_ci=with_ci)
     click.echo(f"{len(summary.runs)} run(s): {summary.scored} image(s) scored, {summary.skipped} already scored "

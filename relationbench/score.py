@@ -68,7 +68,8 @@ class ScoreOptions:
     backbone: str = "auto"  # auto: each run with the encoders of its own backbone (tiny runs: tiny)
     weights: dict[str, str] = field(default_factory=dict)
     device: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # CLIP and DINO (also on the grounded crops)
+    model_dtype: str = "auto"  # the VLM's and the detector's: auto = bf16 on a GPU, fp32 on the CPU
     batch_size: int = 64
     workers: int | None = None  # decoding processes; None: chosen from the device and core count
     data_dir: str | Path | None = None
@@ -565,26 +566,34 @@ class FamilySource:
     encoders: bool  # it needs score.py's CLIP and DINO encoders and the subjects' references
 
 
+def _model_dtype(opts: ScoreOptions, device: str | None = None):
+    """The torch dtype of the family models (the VLM, the detector): --model-dtype on the device."""
+    from .devices import resolve_device, resolve_dtype
+
+    return resolve_dtype(opts.model_dtype, device or resolve_device(opts.device))
+
+
 def _vqa_id(backbone: "Backbone", opts: ScoreOptions, dtype_name: str) -> str:
-    """The VLM's id (scorer.id)."""
-    from .devices import resolve_dtype
+    """The VLM's id (scorer.id); `dtype_name` (the encoders') does not apply to it."""
     from .metrics.vqa import vqa_id
 
-    return vqa_id(backbone, resolve_dtype(dtype_name, "cpu"))
+    return vqa_id(backbone, _model_dtype(opts))
 
 
 def _vqa_load(backbone: "Backbone", opts: ScoreOptions, device: str, dtype, enc, refs) -> FamilyScorer:
     from .metrics.vqa import load_vqa_scorer
 
-    return load_vqa_scorer(backbone, device, dtype)
+    return load_vqa_scorer(backbone, device, _model_dtype(opts, device))
 
 
 def _grounded_id(backbone: "Backbone", opts: ScoreOptions, dtype_name: str) -> str:
     """The detector's id (scorer.id), then the crop encoders' and the protocol's: all three set
     the values, so a row is done only under the same three."""
+    from .devices import dtype_name as name_of
     from .metrics.detector import detector_id
 
-    return " + ".join((detector_id(backbone, dtype_name), *encoder_ids(backbone, opts.clip, dtype_name), opts.protocol))
+    return " + ".join((detector_id(backbone, name_of(_model_dtype(opts))),
+                       *encoder_ids(backbone, opts.clip, dtype_name), opts.protocol))
 
 
 def _grounded_load(backbone: "Backbone", opts: ScoreOptions, device: str, dtype, enc: _Encoders,
@@ -592,7 +601,7 @@ def _grounded_load(backbone: "Backbone", opts: ScoreOptions, device: str, dtype,
     from .metrics.grounded import embed_with, load_grounded_scorer
 
     return load_grounded_scorer(backbone, embed_with(enc.clip, enc.dino), refs,
-                                get_protocol(opts.protocol).image_scale, device, dtype)
+                                get_protocol(opts.protocol).image_scale, device, _model_dtype(opts, device))
 
 
 FAMILY_SOURCES: dict[str, FamilySource] = {

@@ -225,3 +225,19 @@ def test_compare_on_a_family_column(env, fakes):
     res = CliRunner().invoke(cli, ["compare", str(a), str(b), "--bootstrap", "50"])
     assert res.exit_code == 0 and "vqa_t" in res.output and "lower" in res.output
     assert np.isfinite(out[out["metric"] == "vqa_t"]["diff"]).all()
+
+
+def test_family_models_take_their_own_dtype():
+    """--model-dtype sets the VLM's and the detector's precision (their ids say it); --dtype stays
+    CLIP's and DINO's, also inside the grounded id."""
+    from relationbench.backbones import get_backbone
+    from relationbench.score import ScoreOptions, _grounded_id, _vqa_id
+
+    tiny = get_backbone("tiny")
+    auto = ScoreOptions(paths=[], device="cpu")  # auto on the CPU: fp32, no suffix
+    assert _vqa_id(tiny, auto, "fp32") == "tiny:qwen2.5-vl-seed0"
+    half = ScoreOptions(paths=[], device="cpu", model_dtype="bf16")
+    assert _vqa_id(tiny, half, "fp32") == "tiny:qwen2.5-vl-seed0@bf16"
+    detector, clip, dino, protocol = _grounded_id(tiny, half, "fp32").split(" + ")
+    assert detector.endswith("@bf16") and not clip.endswith("@bf16") and not dino.endswith("@bf16")
+    assert protocol == "paper"
