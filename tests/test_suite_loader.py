@@ -57,6 +57,24 @@ def test_missing_field_and_bad_yaml(write_suite, tmp_path):
         load_suite(bad)
 
 
+def test_misspelt_fields_are_refused_not_dropped(write_suite):
+    """A typo'd key would silently lose its value (a case without a predicate changes CLIP-R)."""
+    data = mini_suite_data()
+    data["cases"][1]["predicat"] = data["cases"][1].pop("predicate")
+    path = write_suite(data)
+    with pytest.raises(SuiteError, match=r"t-m-1: unknown field 'predicat' \(did you mean 'predicate'\?\)") as err:
+        load_suite(path)
+    assert err.value.path == str(path) and "predicate_source" in err.value.hint
+    data = mini_suite_data()
+    data["subjects"]["dog"]["clas"] = data["subjects"]["dog"].pop("class")
+    with pytest.raises(SuiteError, match="unknown field 'clas' \\(did you mean 'class'\\?\\)"):
+        load_suite(write_suite(data))
+    data = mini_suite_data()
+    data["image_per_case"] = 2
+    with pytest.raises(SuiteError, match="unknown field 'image_per_case' \\(did you mean 'images_per_case'\\?\\)"):
+        load_suite(write_suite(data))
+
+
 def test_unknown_suite_lists_known():
     from relationbench.errors import UserError
 

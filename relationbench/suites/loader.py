@@ -20,6 +20,8 @@ File format (YAML; documented in prompts/README.md):
 
 from __future__ import annotations
 
+import difflib
+
 import re
 from pathlib import Path
 from typing import Any
@@ -141,9 +143,15 @@ def check_suite_name(name: str, path: Path | None = None) -> None:
 
 
 def _check_fields(raw: dict, fields: dict[str, tuple[type, ...]], required: tuple[str, ...], fail) -> None:
-    """Every field's type in one place: the `required` ones present (not null), each field of
+    """Every field's type in one place: no field outside `fields` (a typo would otherwise drop
+    a value silently), the `required` ones present (not null), each field of
     `fields` absent, null or of its type (userfiles.type_problem: strings writable as UTF-8
     and, but for free text, one line without control characters)."""
+    unknown = sorted(str(k) for k in raw if k not in fields)
+    if unknown:  # a misspelt field would otherwise vanish silently (a `predicat:` is no predicate)
+        near = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        raise fail(f"unknown field {unknown[0]!r}" + (f" (did you mean {near[0]!r}?)" if near else ""),
+                   f"the fields are: {', '.join(fields)}")
     for key in required:
         if raw.get(key) is None:
             raise fail(f"missing field {key!r}")
