@@ -18,9 +18,15 @@ bench/score_throughput.py).
               Qwen2.5-VL-3B-Instruct's architecture at full size with random weights (speed
               does not depend on weight values) and the tiny tokenizer (ids are all that matter).
 
+    grounded  GroundedScorer (metrics/grounded.py): OWLv2 on the images and class nouns, crops,
+              their CLIP and DINO. --arch tiny: the tiny backbone's models; --arch owlv2-base:
+              OWLv2 base/16 at 960 px, CLIP ViT-B/32 and DINO ViT-S/16 at full size with random
+              weights (random boxes: they change only what the crops cost).
+
     python bench/vqa_grounded_throughput.py --family vqa --arch tiny --images 32 --batch-size 8
     python bench/vqa_grounded_throughput.py --family vqa --arch qwen2.5-vl-3b --device cuda --dtype bf16
     python bench/vqa_grounded_throughput.py --family vqa --arch qwen2.5-vl-3b --device meta   # prepare only
+    python bench/vqa_grounded_throughput.py --family grounded --arch owlv2-base --device cuda --dtype bf16
 """
 
 from __future__ import annotations
@@ -155,7 +161,9 @@ def grounded_rows(args) -> list[Row]:
     """GroundedScorer.score (processor, OWLv2 forward, box read-out, crops, their CLIP and DINO
     preprocessing and forwards, scores) against the models' forwards alone: OWLv2 on the same
     images and queries and CLIP and DINO on the same crops, all preprocessed once beforehand.
-    The tiny backbone's detector and encoders (--arch tiny; other architectures not measured);
+    The tiny backbone's detector and encoders (--arch tiny), or google/owlv2-base-patch16's
+    architecture at 960 px with CLIP ViT-B/32 and DINO ViT-S/16 at full size, random weights
+    (--arch owlv2-base; boxes are random then, which changes only what the crops cost);
     the subjects' references are embedded beforehand, as score.py caches them."""
     import numpy as np
 
@@ -164,16 +172,25 @@ def grounded_rows(args) -> list[Row]:
     from relationbench.metrics.grounded import assign_boxes, crop_box, embed_with, load_grounded_scorer, query_nouns
     from relationbench.metrics.protocols import get_protocol
 
-    if args.arch != "tiny":
-        raise SystemExit("grounded: only --arch tiny is measured here")
     backbone = get_backbone("tiny")
-    clip, dino = (load(backbone, device=args.device, dtype=args.dtype) for load in (load_clip, load_dino))
+    if args.arch == "tiny":
+        clip, dino = (load(backbone, device=args.device, dtype=args.dtype) for load in (load_clip, load_dino))
+    elif args.arch == "owlv2-base":
+        clip, dino = _full_size_encoders(args.device, args.dtype)
+    else:
+        raise SystemExit(f"grounded: --arch tiny or owlv2-base, not {args.arch!r}")
     embed = embed_with(clip, dino)
     items = _items(args.images, args.size)
     names = sorted({s.name for it in items for s in it.case.subjects})
     refs = dict(zip(names, (embed([photo_like(256, 1000 + j) for j in range(3)]) for _ in names)))
-    scorer = load_grounded_scorer(backbone, embed, lambda s: refs[s.name], get_protocol("paper").image_scale,
-                                  args.device, args.dtype)
+    if args.arch == "tiny":
+        scorer = load_grounded_scorer(backbone, embed, lambda s: refs[s.name], get_protocol("paper").image_scale,
+                                      args.device, args.dtype)
+    else:
+        from relationbench.metrics.grounded import GroundedScorer
+
+        scorer = GroundedScorer(_full_size_owl(args.device, args.dtype), embed, lambda s: refs[s.name],
+                                get_protocol("paper").image_scale)
     size = args.batch_size
     chunks = [items[s:s + size] for s in range(0, len(items), size)]
     start = time.perf_counter()
@@ -210,6 +227,43 @@ def grounded_rows(args) -> list[Row]:
     return [Row("grounded", scorer.id, args.device, args.dtype_name, size, len(items), prepared, scored, raw)]
 
 
+def _full_size_owl(device: str, dtype):
+    """OWLv2 base/16 at 960 px (google/owlv2-base-patch16-ensemble's shape), random weights,
+    with the offline CLIP tokenizer (ids are all that matter for speed)."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    from relationbench.backbones import build_clip_tokenizers
+    from relationbench.metrics.detector import OWL_QUERY_LENGTH, OwlDetector
+
+    _, tokenizer = build_clip_tokenizers()
+    tokenizer.model_max_length = OWL_QUERY_LENGTH
+    config = Owlv2Config(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                         max_position_embeddings=OWL_QUERY_LENGTH),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=960, patch_size=16),
+        projection_dim=512)
+    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 960, "width": 960}),
+                               tokenizer=tokenizer)
+    return OwlDetector("random:owlv2-base-patch16", Owlv2ForObjectDetection(config), processor, device, dtype)
+
+
+def _full_size_encoders(device: str, dtype):
+    """CLIP ViT-B/32 (open_clip) and DINO ViT-S/16 (transformers) at full size, random weights."""
+    import open_clip
+    from transformers import ViTConfig, ViTModel
+
+    from relationbench.metrics.encoders import ClipEncoder, DinoEncoder
+    from relationbench.metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS
+
+    clip = open_clip.create_model("ViT-B-32").eval().to(device, dtype)
+    dino = ViTModel(ViTConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
+                              patch_size=16, image_size=224), add_pooling_layer=False).eval().to(device, dtype)
+    return (ClipEncoder("random:clip-ViT-B-32", CLIP_PREPROCESS, clip, device, dtype,
+                        tokenizer=open_clip.tokenizer.SimpleTokenizer()),
+            DinoEncoder("random:dino-vits16", DINO_PREPROCESS, dino, device, dtype))
+
+
 # --------------------------------------------------------------------------- main
 
 FAMILIES = {"vqa": vqa_rows, "grounded": grounded_rows}
@@ -220,7 +274,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES), help="default: all")
-    parser.add_argument("--arch", default="tiny", help="vqa: tiny | qwen2.5-vl-3b")
+    parser.add_argument("--arch", default="tiny", help="vqa: tiny | qwen2.5-vl-3b; grounded: tiny | owlv2-base")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--size", type=int, default=1024, help="side of the generated images (px)")
     parser.add_argument("--batch-size", type=int, default=8)
