@@ -326,3 +326,24 @@ def test_vae_override_forms_and_refusals(tiny_pipe, saved_sdxl, tmp_path):
     AutoencoderKL(**{**TINY.vae, "latent_channels": 8}).save_pretrained(tmp_path / "wide-vae")
     with pytest.raises(UserError, match="8 latent channels; SDXL's UNet needs 4"):
         get_backbone("sdxl", {"sdxl": str(saved_sdxl), "vae": str(tmp_path / "wide-vae")}).sdxl_pipeline()
+
+
+@pytest.mark.parametrize("key", ["dino", "image_encoder", "detector", "vqa", "vae"])
+def test_a_broken_local_folder_is_one_clear_error(key, tmp_path):
+    """Every model loader turns a from_pretrained failure on a --weight folder into one
+    UserError naming the folder (backbones.loading_from), never a traceback."""
+    from relationbench.metrics.detector import load_detector
+    from relationbench.metrics.models import load_dino_model
+    from relationbench.metrics.vqa import load_vqa_scorer
+    from relationbench.methods.msdiffusion.encoder import load_image_encoder
+
+    folder = tmp_path / key
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    backbone = get_backbone("sdxl", {key: str(folder)})
+    load = {"dino": load_dino_model, "image_encoder": load_image_encoder, "detector": load_detector,
+            "vqa": load_vqa_scorer, "vae": lambda b: b._sdxl_parts(None)}[key]
+    with pytest.raises(UserError, match="cannot load .* from this folder") as err:
+        load(backbone)
+    assert err.value.path == str(folder)
+    assert f"--weight {key}=" in err.value.hint if key != "vae" else "AutoencoderKL" in err.value.hint

@@ -16,6 +16,7 @@ Importing this package does not import torch or diffusers; functions import them
 """
 
 from .backbone import Backbone, get_backbone
+from .hub import loading_from
 from .presets import PRESETS, BackbonePreset
 from .sources import WeightSource
 from .tiny import TINY, build_clip_tokenizers, build_tiny_components, seeded
@@ -29,5 +30,6 @@ __all__ = [
     "build_clip_tokenizers",
     "build_tiny_components",
     "get_backbone",
+    "loading_from",
     "seeded",
 ]

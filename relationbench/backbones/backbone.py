@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..errors import UserError
-from .hub import download_hint, env_flag, hub_cache_dir, hub_repo, local_copy, open_clip_hub_file, probe_hub
+from .hub import (download_hint, env_flag, hub_cache_dir, hub_repo, loading_from, local_copy, open_clip_hub_file,
+                  probe_hub)
 from .presets import PRESETS, BackbonePreset
 from .sources import WeightSource, parse_override
 from .tiny import build_tiny_components
@@ -193,15 +194,10 @@ class Backbone:
             path = self.fetch("sdxl")
             _check_diffusers_folder(path)
             parts = self._sdxl_parts(dtype)
-            try:
+            with loading_from(path, "an SDXL pipeline", "give a folder in the diffusers layout "
+                              "(StableDiffusionXLPipeline.save_pretrained or hf download)"):
                 pipe = StableDiffusionXLPipeline.from_pretrained(path, **parts, **_dtype_kwarg(dtype),
                                                                  local_files_only=True)
-            except (OSError, ValueError, KeyError) as exc:
-                raise UserError(
-                    f"cannot load an SDXL pipeline from this folder: {exc}",
-                    path=path,
-                    hint="give a folder in the diffusers layout (StableDiffusionXLPipeline.save_pretrained or hf download)",
-                ) from exc
             # MS-Diffusion and RelationBooth sample with Euler (REFERENCE 1), SDXL base's own choice
             pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
             pipe = pipe.to(device=device)
@@ -215,11 +211,8 @@ class Backbone:
         if "vae" not in self.overrides:
             return {}
         path = self.fetch("vae")
-        try:
+        with loading_from(path, "a VAE (AutoencoderKL)", _PART_HINT):
             vae = AutoencoderKL.from_pretrained(path, **_dtype_kwarg(dtype), local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"cannot load a VAE (AutoencoderKL) from this folder: {exc}", path=path,
-                            hint=_PART_HINT) from exc
         if vae.config.latent_channels != 4:
             raise UserError(f"this VAE has {vae.config.latent_channels} latent channels; SDXL's UNet needs 4",
                             path=path, hint="give an SDXL VAE, e.g. --weight vae=madebyollin/sdxl-vae-fp16-fix")

@@ -7,9 +7,11 @@ and users can redirect the cache after import.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import UserError
 from .sources import WeightSource
@@ -118,3 +120,14 @@ def download_hint(key: str, source: WeightSource) -> str:
         f"on a connected machine run `{what}` and copy the HF cache (or the files) here; "
         f"or pass `--weight {key}=/path/to/{local}`; or use `--backbone tiny` for an offline run"
     )
+
+
+@contextlib.contextmanager
+def loading_from(path: Path, what: str, hint: str) -> Iterator[None]:
+    """Turn a from_pretrained failure on a local folder (OSError, ValueError, KeyError: a
+    missing or mismatched file) into one UserError naming the folder, `what` it should hold
+    and how to fix it."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot load {what} from this folder: {exc}", path=path, hint=hint) from exc

@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..backbones import build_clip_tokenizers, seeded
+from ..backbones import build_clip_tokenizers, loading_from, seeded
 from ..devices import dtype_name
-from ..errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -206,15 +205,10 @@ def load_detector(backbone: "Backbone", device: str = "cpu", dtype: "torch.dtype
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
         path = backbone.fetch("detector")
-        try:
+        with loading_from(path, "an OWLv2 detector", "give the folder of google/owlv2-base-patch16-ensemble "
+                          "(or another OWLv2) with --weight detector=PATH"):
             processor = Owlv2Processor.from_pretrained(path, local_files_only=True)
             model = Owlv2ForObjectDetection.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(
-                f"cannot load an OWLv2 detector from this folder: {exc}",
-                path=path,
-                hint="give the folder of google/owlv2-base-patch16-ensemble (or another OWLv2) with --weight detector=PATH",
-            ) from exc
     import torch
 
     dtype = dtype or torch.float32

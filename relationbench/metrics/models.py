@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..backbones import seeded
+from ..backbones import loading_from, seeded
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -112,11 +112,6 @@ def load_dino_model(backbone: "Backbone"):
     from transformers import ViTModel
 
     path = backbone.fetch("dino")
-    try:
+    with loading_from(path, "a ViT (DINO) model",
+                      "give the folder of facebook/dino-vits16 (config.json and weights) with --weight dino=PATH"):
         return ViTModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True).eval()
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot load a ViT (DINO) model from this folder: {exc}",
-            path=path,
-            hint="give the folder of facebook/dino-vits16 (config.json and weights) with --weight dino=PATH",
-        ) from exc

@@ -37,9 +37,8 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 
-from ..backbones import seeded
+from ..backbones import loading_from, seeded
 from ..devices import dtype_name
-from ..errors import UserError
 from ..suites.model import find_phrase
 
 if TYPE_CHECKING:
@@ -317,15 +316,9 @@ def load_vqa_scorer(backbone: "Backbone", device: str = "cpu", dtype: "torch.dty
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         path = backbone.fetch(WEIGHT_KEY)
-        try:
+        with loading_from(path, "an image-text-to-text model and its processor", "give a transformers "
+                          "image-text-to-text model (e.g. Qwen/Qwen2.5-VL-3B-Instruct) with --weight vqa=PATH_OR_HUB_ID"):
             processor = AutoProcessor.from_pretrained(path, local_files_only=True)
             model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(
-                f"cannot load an image-text-to-text model and its processor from this folder: {exc}",
-                path=path,
-                hint="give a transformers image-text-to-text model (e.g. Qwen/Qwen2.5-VL-3B-Instruct) "
-                     "with --weight vqa=PATH_OR_HUB_ID",
-            ) from exc
     model = model.to(device) if dtype == torch.float32 else model.to(device, dtype)
     return VQAScorer(model, processor, vqa_id(backbone, dtype), device, dtype, settings)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...backbones import seeded
-from ...errors import UserError
+from ...backbones import loading_from, seeded
 
 if TYPE_CHECKING:
     from ...backbones import Backbone
@@ -40,12 +39,6 @@ def load_image_encoder(backbone: "Backbone"):
     from transformers import CLIPVisionModelWithProjection
 
     path = backbone.fetch("image_encoder")
-    try:
+    with loading_from(path, "a CLIP vision model", "give the folder of CLIP ViT-bigG/14's vision tower "
+                      "(h94/IP-Adapter sdxl_models/image_encoder) with --weight image_encoder=PATH"):
         return CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval()
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot load a CLIP vision model from this folder: {exc}",
-            path=path,
-            hint="give the folder of CLIP ViT-bigG/14's vision tower (h94/IP-Adapter sdxl_models/image_encoder) "
-                 "with --weight image_encoder=PATH",
-        ) from exc
