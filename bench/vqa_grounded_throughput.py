@@ -41,7 +41,7 @@ from dataclasses import dataclass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from score_throughput import photo_like, pick_cases  # noqa: E402  (bench/ is the script's folder)
+from score_throughput import full_size_encoders, photo_like, pick_cases  # noqa: E402  (bench/ is the script's folder)
 
 
 @dataclass
@@ -74,6 +74,16 @@ def _sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _images_per_s(device: str, images: int, warm_up, run) -> float:
+    """`images` / the seconds of `run()`, after `warm_up()`; the device synchronized around it."""
+    warm_up()
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return images / (time.perf_counter() - start)
 
 
 def _items(n: int, size: int):
@@ -138,19 +148,9 @@ def vqa_rows(args) -> list[Row]:
     name = scorer.id if args.arch == "tiny" else args.arch
     if args.device == "meta":  # the CPU part only (the model has no weights to run)
         return [Row("vqa", name, args.device, args.dtype_name, size, len(items), prepared, math.nan, math.nan)]
-    scorer.forward(batches[0])  # warm-up
-    _sync(args.device)
-    start = time.perf_counter()
-    for inputs in batches:
-        scorer.forward(inputs)
-    _sync(args.device)
-    raw = len(items) / (time.perf_counter() - start)
-    scorer.score(items[:size])  # warm-up
-    _sync(args.device)
-    start = time.perf_counter()
-    scorer.score(items)
-    _sync(args.device)
-    scored = len(items) / (time.perf_counter() - start)
+    raw = _images_per_s(args.device, len(items), lambda: scorer.forward(batches[0]),
+                        lambda: [scorer.forward(inputs) for inputs in batches])
+    scored = _images_per_s(args.device, len(items), lambda: scorer.score(items[:size]), lambda: scorer.score(items))
     return [Row("vqa", name, args.device, args.dtype_name, size, len(items), prepared, scored, raw)]
 
 
@@ -210,55 +210,39 @@ def grounded_rows(args) -> list[Row]:
             if x is not None:
                 encoder.encode_images(x)
 
-    raw_forward(batches[0], crops[0])  # warm-up
-    _sync(args.device)
-    start = time.perf_counter()
-    for inputs, pixels in zip(batches, crops):
-        raw_forward(inputs, pixels)
-    _sync(args.device)
-    raw = len(items) / (time.perf_counter() - start)
-    scorer.score(chunks[0])  # warm-up
-    _sync(args.device)
-    start = time.perf_counter()
-    for chunk in chunks:
-        scorer.score(chunk)
-    _sync(args.device)
-    scored = len(items) / (time.perf_counter() - start)
+    raw = _images_per_s(args.device, len(items), lambda: raw_forward(batches[0], crops[0]),
+                        lambda: [raw_forward(inputs, pixels) for inputs, pixels in zip(batches, crops)])
+    scored = _images_per_s(args.device, len(items), lambda: scorer.score(chunks[0]),
+                           lambda: [scorer.score(chunk) for chunk in chunks])
     return [Row("grounded", scorer.id, args.device, args.dtype_name, size, len(items), prepared, scored, raw)]
 
 
 def _full_size_owl(device: str, dtype):
     """OWLv2 base/16 at 960 px (google/owlv2-base-patch16-ensemble's shape), random weights,
     with the offline CLIP tokenizer (ids are all that matter for speed)."""
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+    from transformers import Owlv2Config, Owlv2ForObjectDetection
 
-    from relationbench.backbones import build_clip_tokenizers
-    from relationbench.metrics.detector import OWL_QUERY_LENGTH, OwlDetector
+    from relationbench.metrics.detector import OWL_QUERY_LENGTH, OwlDetector, offline_owl_processor
 
-    _, tokenizer = build_clip_tokenizers()
-    tokenizer.model_max_length = OWL_QUERY_LENGTH
     config = Owlv2Config(
         text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
                          max_position_embeddings=OWL_QUERY_LENGTH),
         vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                            image_size=960, patch_size=16),
         projection_dim=512)
-    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 960, "width": 960}),
-                               tokenizer=tokenizer)
-    return OwlDetector("random:owlv2-base-patch16", Owlv2ForObjectDetection(config), processor, device, dtype)
+    return OwlDetector("random:owlv2-base-patch16", Owlv2ForObjectDetection(config), offline_owl_processor(960),
+                       device, dtype)
 
 
 def _full_size_encoders(device: str, dtype):
-    """CLIP ViT-B/32 (open_clip) and DINO ViT-S/16 (transformers) at full size, random weights."""
+    """score_throughput's CLIP ViT-B/32 (open_clip) and DINO ViT-S/16 at full size, random weights,
+    as the metric encoders."""
     import open_clip
-    from transformers import ViTConfig, ViTModel
 
     from relationbench.metrics.encoders import ClipEncoder, DinoEncoder
     from relationbench.metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS
 
-    clip = open_clip.create_model("ViT-B-32").eval().to(device, dtype)
-    dino = ViTModel(ViTConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
-                              patch_size=16, image_size=224), add_pooling_layer=False).eval().to(device, dtype)
+    clip, dino = (model.to(device, dtype) for model in full_size_encoders())
     return (ClipEncoder("random:clip-ViT-B-32", CLIP_PREPROCESS, clip, device, dtype,
                         tokenizer=open_clip.tokenizer.SimpleTokenizer()),
             DinoEncoder("random:dino-vits16", DINO_PREPROCESS, dino, device, dtype))

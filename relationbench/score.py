@@ -44,7 +44,7 @@ from .images import read_image
 from .metrics.cache import EmbeddingCache, cache_file, default_cache_dir
 from .metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS
 from .metrics.protocols import Protocol, get_protocol
-from .metrics.registry import PAPER, FamilyScorer, ImageItem, family_columns, parse_metrics
+from .metrics.registry import FAMILIES, PAPER, FamilyScorer, ImageItem, family_columns, parse_metrics
 from .metrics.scores import clip_score, mean_pair_cosine
 from .runs import SCORE_LOCK, SUITE_COPIES, RunDir, ScoreTable, image_key
 from .suites import Case, Subject, Suite, available_suites, find_phrase, load_suite
@@ -135,7 +135,7 @@ def scoring_text(case: Case, record: dict[str, Any]) -> str:
     prefix = record.get("prompt_prefix") or ""
     if prefix and text.startswith(prefix):
         text = text[len(prefix):]
-    for ident in record.get("identifiers") or ():
+    for ident in filter(None, record.get("identifiers") or ()):  # an empty one would never shrink the text
         while (span := find_phrase(text, ident)) is not None:
             text = text[: span[0]] + text[span[1]:]
     return " ".join(text.split())
@@ -227,17 +227,22 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids: Callable[[str, str], tuple[str
     # one image per (case, sample): a regenerated image's later manifest line wins, and only
     # rows of that image count, so no image is scored (and counted on the leaderboard) twice
     latest = run.latest()
+    # every family's file loses its stale rows, a family not asked for now too: the leaderboard
+    # summarizes every file and refuses a row of an image the run no longer holds
     done: dict[str, set[tuple[str, int]]] = {}
-    for family in families:
+    for family in FAMILIES:
         table = run.score_table() if family == PAPER else run.family_table(family, _columns(family))
+        if family not in families and not table.path.exists():
+            continue
         group_columns = PAPER_GROUP if family == PAPER else FAMILY_GROUP
         kept, stale = _current_rows(run, latest, table.read(), group_columns)
         if stale:
             table.write(kept)
         plan.stale_rows += stale
-        plan.tables[family] = table
-        group = ids(family, backbone)
-        done[family] = {image_key(r) for r in kept if tuple(r[c] for c in group_columns) == group}
+        if family in families:
+            plan.tables[family] = table
+            group = ids(family, backbone)
+            done[family] = {image_key(r) for r in kept if tuple(r[c] for c in group_columns) == group}
     for key, record in latest.items():
         pending = {f for f in families if key not in done[f]}
         if not pending:

@@ -66,14 +66,10 @@ class TrainSummary:
         return [r for r in self.results if not r.trained]
 
 
-def checkpoint_folder(lora_folder: Path) -> Path:
-    """Where the trainer keeps the checkpoints of the LoRA it writes to lora_folder
-    (methods/lora/trainer.py: `.<name>.checkpoints` beside it)."""
-    return lora_folder.with_name(f".{lora_folder.name}.checkpoints")
-
-
 def train(opts: TrainOptions) -> TrainSummary:
     from tqdm.auto import tqdm
+
+    from .methods.lora.trainer import checkpoint_folder
 
     from .backbones import get_backbone
     from .data import data_root

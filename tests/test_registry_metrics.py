@@ -160,6 +160,26 @@ def test_a_regenerated_image_is_rescored_and_its_stale_row_dropped(env, fakes):
     assert row["image_sha256"] == new_sha and row["vqa_t"] == pytest.approx(sha_value(new_sha, "vqa_t"), abs=1e-6)
 
 
+def test_a_stale_row_of_a_family_not_scored_now_is_dropped_too(env, fakes):
+    """Scoring one family after a regeneration drops the regenerated image's rows from the other
+    families' files as well (the leaderboard summarizes every file and refuses a stale row)."""
+    run = make_run(env, "alpha@tiny", CASES, seed=1)
+    run_score("--metrics", "clip_t,vqa", run)
+    paper_before = pd.read_csv(run / "scores.csv", keep_default_na=False)
+    rd = RunDir(run)
+    rd.append([{**rd.latest()[("rb-s-002", 1)], **rd.save_image("rb-s-002", 1, Image.new("RGB", (64, 64), (9, 80, 3)))}])
+    res = run_score("--metrics", "vqa", run)
+    assert "1 image(s) scored" in res.output and "dropped 2 score row(s)" in res.output
+    paper = pd.read_csv(run / "scores.csv", keep_default_na=False)
+    kept = paper_before[~((paper_before["case_id"] == "rb-s-002") & (paper_before["index"] == 1))]
+    assert len(paper) == 5
+    pd.testing.assert_frame_equal(paper.reset_index(drop=True), kept.reset_index(drop=True))
+    board = pd.read_csv(run / "leaderboard.csv")
+    n = board[(board["kind"] == "all") & (board["metric"] == "clip_t")]["n_images"].item()
+    assert n == 5  # the paper family counts the images it still has a current row of
+    assert not (run / "scores-grounded.csv").exists()  # no file is made for a family never scored
+
+
 def hand_case_means(run, family, column) -> dict[str, dict[str, float]]:
     """kind -> case -> mean over the case's images, by plain loops over the csv."""
     sums: dict[str, list] = {}

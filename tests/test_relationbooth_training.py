@@ -100,6 +100,38 @@ def test_inputs_and_batches(method, mixed):
     assert a.latents.shape == (3, 4, RES // 8, RES // 8) and 0 <= a.timesteps.min() and a.timesteps.max() < 1000
 
 
+def test_fixed_inputs_are_encoded_once(method, triplets, monkeypatch):
+    """One text-encoder call for every distinct prompt, one CLIP call for every reference, one
+    VAE call per target and per distinct reference content (a sample repeating another's
+    references under another id encodes only its target)."""
+    hug = triplets.relations["hug"]
+    again = dataclasses.replace(hug[0], id="again")
+    pipe = method.pipe
+    method._embeds.clear()  # the fixture's references were encoded already
+    calls = {"vae": 0, "clip": 0, "prompts": []}
+    vae_encode, encode_prompt = pipe.vae.encode, pipe.encode_prompt
+
+    def count_vae(x):
+        calls["vae"] += 1
+        return vae_encode(x)
+
+    def count_prompt(prompts, **kw):
+        calls["prompts"].append(list(prompts))
+        return encode_prompt(prompts, **kw)
+
+    monkeypatch.setattr(pipe.vae, "encode", count_vae)
+    monkeypatch.setattr(pipe, "encode_prompt", count_prompt)
+    handle = method._encoder.register_forward_hook(lambda *_: calls.__setitem__("clip", calls["clip"] + 1))
+    try:
+        inputs = encode_samples(method, [hug[0], hug[1], again], RES, progress=False)
+    finally:
+        handle.remove()
+    assert calls["prompts"] == [list(dict.fromkeys([hug[0].prompt, hug[1].prompt]))]
+    assert calls["clip"] == 1  # the 4 references in one chunk, not again per sample
+    assert calls["vae"] == 3 + 4  # 3 targets, 4 distinct references
+    assert torch.equal(inputs[2].ref_latents, inputs[0].ref_latents) and torch.equal(inputs[2].tokens, inputs[0].tokens)
+
+
 def _batch(inputs, seed=3):
     gen = torch.Generator().manual_seed(seed)
     batch = RelationBatches(inputs, 4, 0.13025, 1000, torch.float32)(gen)

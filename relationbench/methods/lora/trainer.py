@@ -101,6 +101,11 @@ class LoraTarget:
         object.__setattr__(self, "modules", tuple(self.modules))
 
 
+def checkpoint_folder(out_dir: Path) -> Path:
+    """Where train_lora keeps the checkpoints of the LoRA it writes to out_dir (beside it)."""
+    return out_dir.with_name(f".{out_dir.name}.checkpoints")
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The batch generator's seed of process `rank`: `seed` itself on the main process (a
     single-process run draws what it always drew), a hash of both elsewhere."""
@@ -148,7 +153,7 @@ def train_lora(
     record = {"settings": asdict(s), "targets": {t.prefix: list(t.modules) for t in targets}, "info": dict(info or {})}
     record = json.loads(json.dumps(record))  # as read back from disk (tuples -> lists)
     group = _Processes(accelerator, data_parallel)
-    checkpoints = _Checkpoints(out_dir.with_name(f".{out_dir.name}.checkpoints"), record, group)
+    checkpoints = _Checkpoints(checkpoint_folder(out_dir), record, group)
     generator = torch.Generator().manual_seed(rank_seed(s.seed, group.rank))
 
     with _lora_attached(targets, s) as params:

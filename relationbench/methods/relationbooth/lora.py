@@ -1,5 +1,6 @@
-"""RelationLoRA (paper section 3.4.1): which modules it wraps, its configuration, its bank,
-and the import of released RelationLoRA files (the authors', or any in the same format).
+"""RelationLoRA (paper section 3.4.1): which modules it wraps (rank 4, alpha = rank, gaussian
+init: the trainer's defaults), its bank, and the import of released RelationLoRA files (the
+authors', or any in the same format).
 
 RelationLoRA adapts only the text path of every cross-attention layer (attn2) of the SDXL
 UNet: W_q, W_k_t, W_v_t and W_out of eq. 4, i.e. attn2.to_q, .to_k, .to_v, .to_out.0.
@@ -21,7 +22,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ...errors import UserError
 from ...paths import cache_root
@@ -29,12 +29,7 @@ from ..lora.bank import BankEntry, LoraBank
 from ..lora.files import WEIGHT_NAME
 from ..msdiffusion.model import attn2_modules, some
 
-if TYPE_CHECKING:
-    from peft import LoraConfig
-
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # eq. 4: W_q, W_k_t, W_v_t, W_out
-RANK = 4  # section 4, Implementation Details; lora_alpha = rank, gaussian init (REFERENCE 2)
-INIT = "gaussian"  # peft init_lora_weights of the A matrix (B starts at zero)
 
 # The base recorded for a released LoRA (BankEntry.base_model reads "sdxl (authors' release)").
 RELEASE_BASE = {"name": "sdxl", "weights": {"sdxl": {"location": "authors' release"}},
@@ -56,14 +51,6 @@ def relationlora_targets(unet) -> list[str]:
     to_k_ip / to_v_ip, not attn1)."""
     unet = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper
     return [f"{module}.{proj}" for module in attn2_modules(unet).values() for proj in PROJECTIONS]
-
-
-def relationlora_config(unet, rank: int = RANK) -> "LoraConfig":
-    """The paper's RelationLoRA as a peft LoraConfig on `unet` (rank 4, alpha = rank, gaussian
-    init); the trainer's TrainerSettings defaults are the same (rank, alpha None = rank, init)."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=INIT, target_modules=relationlora_targets(unet))
 
 
 def default_bank() -> Path:
