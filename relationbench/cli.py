@@ -129,26 +129,41 @@ def prompts_draw(suite, kind, limit, out):
 
 @prompts.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--name", required=True, help="Name of the new suite (also its file name).")
+@click.option("--name", default=None, help="Name of the new suite (default: the stem of --out, else of FILE).")
 @click.option("--map", "mapping", multiple=True, metavar="FIELD=COLUMN", help="Read FIELD from COLUMN.")
 @click.option("--subjects-from", default="relationbench", show_default=True,
-              help="Suite whose subject registry names the subjects.")
+              help="Suite whose subject registry names the subjects (case lists).")
+@click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Authors' config: the folder its relative paths are relative to (default: the config's folder).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: prompts/NAME.yaml.")
 @click.option("--force", is_flag=True, help="Replace an existing suite file.")
-def prompts_import(file, name, mapping, subjects_from, out, force):
-    """Turn a JSON/JSONL/CSV case list into a suite (columns: see `relbench prompts import --help`).
+def prompts_import(file, name, mapping, subjects_from, image_root, out, force):
+    """Turn a JSON/JSONL/CSV case list, or the RelationBooth authors' inference config (a YAML
+    file with class_names, prompt, images_path, boxes), into a suite.
 
-    Fields: id, kind, subjects, prompt, predicate, predicate_source, boxes, seed; only prompt
-    and subjects are required (defaults: ids from the name, kind from the subject count,
+    Case-list fields: id, kind, subjects, prompt, predicate, predicate_source, boxes, seed; only
+    prompt and subjects are required (defaults: ids from the name, kind from the subject count,
     predicate by spaCy, marked `predicate_source:` for review, standard boxes, seeds from the id).
+    An authors' config becomes one case whose subjects' images are its images_path files.
     """
     from .suites import load_suite, prompts_dir
+    from .suites.authors_config import import_authors_config, is_authors_config
     from .suites.importer import import_cases, write_suite
 
-    data = import_cases(file, name, load_suite(subjects_from), _parse_pairs(mapping, "--map"))
+    name = (out or file).stem if name is None else name
     out = out or prompts_dir() / f"{name}.yaml"
+    if is_authors_config(file):
+        if mapping:
+            raise UserError("--map renames case-list columns; this file is an authors' inference config", path=file)
+        data, notes = import_authors_config(file, out, name, image_root)
+    elif image_root is not None:
+        raise UserError("--image-root is for an authors' inference config; this file is a case list", path=file)
+    else:
+        data, notes = import_cases(file, name, load_suite(subjects_from), _parse_pairs(mapping, "--map")), []
     write_suite(data, out, force=force)
     click.echo(f"wrote {len(data['cases'])} cases to {out}")
+    for note in notes:
+        click.echo(f"note: {note}")
     marked = [c for c in data["cases"] if "predicate_source" in c]
     if marked:
         click.echo(f"{len(marked)} predicate(s) extracted by a program, each marked `predicate_source:` for review: "
@@ -162,7 +177,8 @@ _data_dir = click.option("--data-dir", default=None, help="Subject image root (d
 
 @cli.group(cls=_Group)
 def data():
-    """Subject images (fetch, import, verify) and relation triplets (check, example-triplets, import-triplets)."""
+    """Subject images (fetch, import, verify) and relation triplets (check, example-triplets, import-triplets,
+    synthesize, annotate, show)."""
 
 
 @data.command("fetch")
@@ -232,6 +248,23 @@ def data_example_triplets(out):
     click.echo("\n".join(found.summary()) + f"\nwritten to {out}")
 
 
+@data.command("example-subjects")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--suite", default="relationbench", show_default=True)
+@click.option("--cases", multiple=True, help="Case ids (comma-separated, repeatable; default: every case).")
+@click.option("--limit", type=int, default=None, help="Only the first N selected cases.")
+def data_example_subjects(out, suite, cases, limit):
+    """Write synthetic stand-ins for the subject images of a suite's cases into OUT (a data root
+    for --data-dir; offline dry runs only: not the datasets' images)."""
+    from .data.example_subjects import write_example_subjects
+    from .generate import select_cases
+    from .suites import load_suite
+
+    chosen = select_cases(load_suite(suite), cases, None, limit)
+    folders = write_example_subjects(out, [s for c in chosen for s in c.subjects])
+    click.echo(f"{len(folders)} stand-in subject(s) written to {out} (use it with --data-dir; see {out}/NOTE.txt)")
+
+
 @data.command("import-triplets")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
@@ -248,6 +281,102 @@ def data_import_triplets(src, out, relations, schema, quiet):
     if marked:
         click.echo(f"{marked} predicate(s) were extracted from their prompts and marked predicate_source: "
                    "check them in the triplets.json files, correct them if needed, then delete the mark")
+
+
+def _annotator_options(f):
+    """The annotation settings of `data annotate` and `data synthesize` (None: AnnotateSettings' default)."""
+    f = click.option("--keypoint-annotator", default=None,
+                     help="Entry point of relationbench.keypoint_annotators (default vitpose-plus).")(f)
+    f = click.option("--mask-annotator", default=None,
+                     help="Entry point of relationbench.mask_annotators (default owlv2-sam).")(f)
+    f = click.option("--caption", is_flag=True,
+                     help="Caption the target and each reference (OUT/<relation>/captions.json).")(f)
+    f = click.option("--threshold", type=float, default=None, help="Detection score an object needs (default 0.3).")(f)
+    return f
+
+
+@data.command("annotate")
+@click.argument("raw", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@_backbone_options
+@_annotator_options
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_annotate(raw, out, backbone, weights, threshold, caption, mask_annotator, keypoint_annotator, device, quiet):
+    """Annotate RAW (raw.json: targets, entities, predicates, prompts, references) into the
+    relation-triplet folder OUT: masks, boxes, keypoints (and captions); samples whose detections
+    do not match their entities are set aside in OUT/annotate-report.md."""
+    from .data.annotate import annotate
+
+    given = dict(threshold=threshold, mask_annotator=mask_annotator, keypoint_annotator=keypoint_annotator)
+    report = annotate(raw, out, backbone=backbone, weights=_parse_pairs(weights, "--weight"), device=device,
+                      progress=not quiet, caption=caption, **{k: v for k, v in given.items() if v is not None})
+    click.echo("\n".join(report.summary()))
+    if not report.kept:
+        raise UserError(f"no sample was kept ({len(report.set_aside)} set aside, reasons above)",
+                        path=out / "annotate-report.md",
+                        hint="check the images and entity names, or lower --threshold")
+    click.echo(f"written to {out}; check: relbench data check {out}")
+
+
+@data.command("synthesize")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--relation", required=True, help="The relation's folder name, e.g. hug or shake_hands.")
+@click.option("--entities", required=True, help='1 or 2 class nouns, comma-separated, e.g. "bear,tiger".')
+@click.option("--predicate", default=None,
+              help="The relation phrase of the prompts (default: from --relation, hug -> hugging).")
+@click.option("--samples", type=int, default=6, show_default=True, help="Targets to make (paper: 4-6).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample i uses seed + i.")
+@click.option("--generator", default="sdxl", show_default=True,
+              help="Text-to-image generator: an entry point of relationbench.image_generators.")
+@click.option("--size", type=int, default=None, help="Image side in pixels (default: the backbone's).")
+@click.option("--annotate/--no-annotate", default=True, show_default=True,
+              help="Annotate OUT into OUT/triplets and check it.")
+@_annotator_options
+@_backbone_options
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def data_synthesize(out, relation, entities, predicate, samples, seed, generator, size, annotate, threshold, caption,
+                    mask_annotator, keypoint_annotator, backbone, weights, device, dtype, quiet):
+    """Make raw samples of a new relation in OUT (targets by a text-to-image generator, each entity
+    found by the mask annotator, references by MS-Diffusion from its crop), then annotate them."""
+    from .data.annotators import AnnotateSettings
+    from .data.synthesize import SynthesizeOptions, SynthesizeSettings, synthesize
+
+    given = dict(threshold=threshold, mask_annotator=mask_annotator, keypoint_annotator=keypoint_annotator)
+    summary = synthesize(SynthesizeOptions(
+        out=out, relation=relation, entities=entities, predicate=predicate,
+        settings=SynthesizeSettings(samples=samples, seed=seed, generator=generator, size=size), annotate=annotate,
+        annotate_settings=AnnotateSettings(caption=caption, **{k: v for k, v in given.items() if v is not None}),
+        backbone=backbone, weights=_parse_pairs(weights, "--weight"), device=device, dtype=dtype, quiet=quiet,
+    ))
+    click.echo(f"{summary.samples} raw sample(s) written to {summary.out} (raw.json, synthesis.json)")
+    for sample_id, why in summary.set_aside:
+        click.echo(f"set aside: sample {sample_id}: {why}", err=True)
+    if summary.report is None:
+        click.echo(f"next: relbench data annotate {summary.out} {summary.out}/triplets")
+    else:
+        click.echo("\n".join(summary.report.summary()))
+        click.echo(f"annotated and checked: {summary.triplets}\n"
+                   f"look at it: relbench data show {summary.triplets} --out sheet.png")
+
+
+@data.command("show")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
+@_relation_option
+@click.option("--max-samples", type=int, default=None, help="Rows on the sheet (default 32).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_show(root, out, relations, max_samples, quiet):
+    """A contact sheet of a relation-triplet folder: masks, boxes and keypoints on every image."""
+    from .data.show import MAX_SAMPLES, show_triplets
+
+    summary = show_triplets(root, out, relations or None, MAX_SAMPLES if max_samples is None else max_samples,
+                           quiet=quiet)
+    more = f" ({summary.total - summary.shown} more not shown: --max-samples, --relation)" \
+        if summary.total > summary.shown else ""
+    click.echo(f"{summary.shown} sample(s) drawn to {summary.out}{more}")
 
 
 # -- methods ------------------------------------------------------------------------------
@@ -368,6 +497,32 @@ def train_cmd(method, data, relations, out, backbone, weights, set_values, resum
         what = f"trained in {r.seconds:.1f} s" if r.trained else "already trained"
         click.echo(f"{r.relation}: {what} as {r.name} ({loss})")
     click.echo(f"bank: {summary.bank}")
+
+
+@cli.command("train-local-encoder")
+@click.option("--images", required=True, type=click.Path(path_type=Path),
+              help="Folder of training images (the paper: COCO train2017).")
+@_backbone_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: $RELBENCH_CACHE/relationbooth/local-encoder/BACKBONE).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: 6 epochs).")
+@click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE",
+              help="Change one distillation setting (e.g. trainable_blocks=24, max_split=4).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its checkpoint.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_local_encoder_cmd(images, backbone, weights, out, steps, set_values, resume, device, quiet):
+    """Distil RelationBooth's local encoder with CLIPSelf (paper appendix 6.1)."""
+    from .methods.relationbooth.clipself import train_local_encoder
+
+    result = train_local_encoder(images, backbone=backbone, weights=_parse_pairs(weights, "--weight"), out=out,
+                                 steps=steps, set_values=set_values, resume=resume, device=device, quiet=quiet)
+    if not result.main:
+        return
+    loss = f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}" if result.first_loss is not None else "no steps"
+    click.echo(f"{result.checkpoint}: {loss} over {result.steps} steps ({result.seconds:.1f} s)")
+    if backbone != "tiny":
+        click.echo(f"use it with --weight local_encoder={result.checkpoint}")
 
 
 # -- convert ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .data import data_root, require_images
+from .data import data_root, require_images, subject_images_sha256
 from .errors import UserError
 from .methods.cards import parse_set
 from .runs import SEED_RULE, RunDir, image_key, sample_seed
@@ -154,18 +154,25 @@ class Shard:
             raise UserError(message)
 
 
-def run_meta(suite: Suite, suite_bytes: bytes, card, backbone, dtype_name: str, images_per_case: int) -> dict:
+def run_meta(suite: Suite, suite_bytes: bytes, card, backbone, dtype_name: str, images_per_case: int,
+             method_info: dict | None = None) -> dict:
     """What run.json records: enough to say exactly how every image was made. `suite_bytes`:
-    the suite file as read once, hashed here and kept as the run's copy."""
+    the suite file as read once, hashed here and kept as the run's copy; `method_info`: the
+    loaded method's run_info() (what it decided at load time), under method.run."""
     import diffusers
     import torch
     import transformers
 
+    images = subject_images_sha256(suite.used_subjects())  # subjects named by path: their files' sha256
     return {
         "suite": {"name": suite.name, "version": suite.version,
-                  "file_sha256": hashlib.sha256(suite_bytes).hexdigest()},
-        "suite_path": str(Path(suite.path).resolve()),  # where the scorer finds it (not part of the identity)
-        "method": card.describe(backbone.is_tiny),  # resolved settings; a tiny schedule is named
+                  "file_sha256": hashlib.sha256(suite_bytes).hexdigest(),
+                  **({"images_sha256": images} if images else {})},
+        # where the scorer finds it, and whose folder a run's copy resolves relative image paths
+        # against (not part of the identity)
+        "suite_path": str(Path(suite.path).resolve()),
+        "method": {**card.describe(backbone.is_tiny),  # resolved settings; a tiny schedule is named
+                   **({"run": method_info} if method_info else {})},
         "backbone": backbone.describe(),
         "dtype": dtype_name,
         "images_per_case": images_per_case,
@@ -216,7 +223,9 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
     # 2. the run folder: one launch writes it; the main process locks, repairs, records,
     # checks every finished image and drops the lines that fail (made again below)
     suite_bytes = Path(suite.path).read_bytes() if shard.main else b""
-    meta = run_meta(suite, suite_bytes, card, backbone, dtype_name(dtype), per_case) if shard.main else None
+    meta = (run_meta(suite, suite_bytes, card, backbone, dtype_name(dtype), per_case,
+                     getattr(method, "run_info", dict)())
+            if shard.main else None)
     with contextlib.closing(method), _main_lock(run, shard, meta, suite_bytes) as main_lock:
         done = run.finished()
         mine = shard.take(cases)

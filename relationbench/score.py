@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .data import data_root, get_command, reference_images, sha256_file
+from .data import data_root, fetch_hint, reference_images, sha256_file, subject_images_sha256
 from .errors import UserError
 from .images import read_image
 from .metrics.cache import EmbeddingCache, cache_file, default_cache_dir
@@ -255,6 +255,8 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids: Callable[[str, str], tuple[str
             failures.append((str(path), f"case {record['case_id']!r} is not in suite {suite.name!r}"))
             continue
         plan.items.append(Item(plan, case, record, path, *case_predicate(case, suite), families=pending))
+    if any(f == PAPER or FAMILY_SOURCES[f].encoders for it in plan.items for f in it.families):
+        _check_subject_images(meta, suite, run)  # before any work: these families read the references
     return plan
 
 
@@ -299,7 +301,8 @@ def _run_suite(meta: dict[str, Any], run: RunDir) -> tuple[Suite, SuiteDrift | N
                 path=copy,
                 hint="put back the suite file the run was generated from, or generate the run again",
             )
-        kept = load_suite(copy)
+        # relative subject image paths resolve against the original's folder, not the run's
+        kept = load_suite(copy, Path(meta["suite_path"]).parent if meta.get("suite_path") else None)
         if current is None or sha256_file(current) == recorded:
             return kept, None
         return kept, SuiteDrift(run.root, copy, current, _suite_changes(kept, current))
@@ -320,6 +323,22 @@ def _run_suite(meta: dict[str, Any], run: RunDir) -> tuple[Suite, SuiteDrift | N
                  f"keep their suite as {SUITE_COPIES[0]})",
         )
     return load_suite(current), None
+
+
+def _check_subject_images(meta: dict[str, Any], suite: Suite, run: RunDir) -> None:
+    """The images of the subjects named by path are still those the run was generated from
+    (run.json's sha256s), so CLIP-I and DINO compare with what the method saw; a missing one
+    is reference_images' UserError. Dataset subjects are checked by `relbench data verify`."""
+    recorded = (meta.get("suite") or {}).get("images_sha256") or {}
+    now = subject_images_sha256(suite.used_subjects())
+    changed = sorted(name for name, shas in now.items() if name in recorded and recorded[name] != shas)
+    if changed:
+        raise UserError(
+            f"the images of subject(s) {', '.join(changed)} changed after the run was generated (run.json "
+            "records other sha256)",
+            path=run.run_json,
+            hint="put back the images the run was made from, or generate the run again into another folder",
+        )
 
 
 def _named_suite_file(meta: dict[str, Any], run: RunDir) -> Path | None:
@@ -436,7 +455,7 @@ class _Encoders:
         self.clip, self.dino = clip, dino
         self.dtype_name = dtype_name
         self._texts: dict[str, np.ndarray] = {}
-        self._refs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray] | None] = {}
+        self._refs: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray] | None] = {}
 
     def texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         new = [t for t in dict.fromkeys(texts) if t not in self._texts]
@@ -446,7 +465,7 @@ class _Encoders:
 
     def references(self, subject: Subject, root: Path, cache_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
         """(CLIP, DINO) embeddings of a subject's reference images, or None when it has none."""
-        key = (subject.source, subject.dir)
+        key = subject.images_key
         if key not in self._refs:
             files = reference_images(subject, root)
             self._refs[key] = self._embed_files(files, cache_dir) if files else None
@@ -553,7 +572,7 @@ def _references(enc: _Encoders, root: Path, missing: dict[str, str]) -> Referenc
     def refs(subject: Subject):
         found = enc.references(subject, root, cache_dir)
         if found is None:
-            missing[subject.name] = get_command(subject.source)
+            missing[subject.name] = fetch_hint(subject, root)
         return found
 
     return refs

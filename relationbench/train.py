@@ -67,8 +67,6 @@ class TrainSummary:
 
 
 def train(opts: TrainOptions) -> TrainSummary:
-    from tqdm.auto import tqdm
-
     from .methods.lora.trainer import checkpoint_folder
 
     from .backbones import get_backbone
@@ -106,32 +104,44 @@ def train(opts: TrainOptions) -> TrainSummary:
                         hint="continue it with --resume, or delete the folder(s) to start over")
 
     # 2. train what the bank lacks, relation by relation
-    results = []
     with contextlib.closing(method):
         if todo:
             method.load()
-        for relation in tqdm(names, desc="relations", unit="relation", disable=opts.quiet or not shard.main):
-            name, samples = names[relation], triplets.relations[relation]
-            start = time.perf_counter()
-            trained = False
-            # one process alone: a lock, so two runs sharing the bank never train one LoRA twice;
-            # a launch is one run whose processes train each LoRA together
-            with bank.lock(name) if shard.world == 1 else contextlib.nullcontext():
-                if relation in todo and (shard.world > 1 or name not in bank):
-                    info = {"relation": relation, "samples": [s.id for s in samples],
-                            "entities": sorted({", ".join(s.entities) for s in samples}),
-                            "data_sha256": hashes[relation], "method": card.name,
-                            "settings_digest": method.settings_digest()}
-                    folder = bank.folder(name)
-                    if not folder.is_dir():  # else trained, but the index update was cut short
-                        method.train_relation(samples, folder, info=info)
-                    if shard.main:  # where the data was: in the index only (a moved folder still resumes)
-                        bank.add(name, base=backbone.describe(),
-                                 info={**info, "data": str(Path(opts.data).resolve() / relation)})
-                    trained = True
-            shard.barrier()
-            results.append(_result(bank, relation, name, trained, time.perf_counter() - start if trained else 0.0))
+        results = train_into_bank(method, triplets, opts.data, names, todo, shard, card.name,
+                                  quiet=opts.quiet or not shard.main)
     return TrainSummary(bank.root, results, main=shard.main)
+
+
+def train_into_bank(method, triplets, data: str | Path, names: dict[str, str], todo: Sequence[str], shard,
+                    card: str, *, quiet: bool = False) -> list[RelationResult]:
+    """Train each relation of `todo` (its samples in `triplets`, read from `data`) as
+    names[relation] into the method's bank, loaded; the others are reported as already there.
+    Shared by `relbench train` and the tiny bank relationbooth trains for itself."""
+    from tqdm.auto import tqdm
+
+    bank, results = method.bank, []
+    for relation in tqdm(names, desc="relations", unit="relation", disable=quiet):
+        name, samples = names[relation], triplets.relations[relation]
+        start = time.perf_counter()
+        trained = False
+        # one process alone: a lock, so two runs sharing the bank never train one LoRA twice;
+        # a launch is one run whose processes train each LoRA together
+        with bank.lock(name) if shard.world == 1 else contextlib.nullcontext():
+            if relation in todo and (shard.world > 1 or name not in bank):
+                info = {"relation": relation, "samples": [s.id for s in samples],
+                        "entities": sorted({", ".join(s.entities) for s in samples}),
+                        "data_sha256": triplets.content_hash(relation), "method": card,
+                        "settings_digest": method.settings_digest()}
+                folder = bank.folder(name)
+                if not folder.is_dir():  # else trained, but the index update was cut short
+                    method.train_relation(samples, folder, info=info)
+                if shard.main:  # where the data was: in the index only (a moved folder still resumes)
+                    bank.add(name, base=method.context.backbone.describe(),
+                             info={**info, "data": str(Path(data).resolve() / relation)})
+                trained = True
+        shard.barrier()
+        results.append(_result(bank, relation, name, trained, time.perf_counter() - start if trained else 0.0))
+    return results
 
 
 def _result(bank, relation: str, name: str, trained: bool, seconds: float) -> RelationResult:

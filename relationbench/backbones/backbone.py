@@ -152,6 +152,11 @@ class Backbone:
         Checks availability first; downloads from the hub when online and not cached.
         """
         if self.is_tiny:
+            if key in self.overrides:  # an optional file (local_encoder): local only, tiny is offline
+                if self.overrides[key].kind != "local":
+                    raise UserError(f"the tiny backbone reads '{key}' from a local file only, not {self.overrides[key]}",
+                                    hint=f"--weight {key}=/path/to/file")
+                return self._local_override(key, self.overrides[key])
             raise ValueError("the tiny backbone has no weight files: build its components with build_tiny_components")
         path = self.check_available((key,))[key]
         if path is not None:
@@ -256,13 +261,14 @@ def get_backbone(name: str, overrides: Mapping[str, str] | None = None) -> Backb
             hint="--backbone sdxl (real weights) or --backbone tiny (random weights, offline, seconds on a CPU)",
         )
     preset = PRESETS[name]
-    keys = [*preset.weights, *preset.sdxl_parts]
+    keys = [*preset.weights, *preset.optional, *preset.sdxl_parts]
     parsed: dict[str, WeightSource] = {}
     for key, value in (overrides or {}).items():
         if key not in keys:
-            if not keys:
+            if preset.seed is not None:
+                optional = f"; only {', '.join(keys)} may be given" if keys else ""
                 raise UserError(
-                    f"the {name} backbone has no weights to override (it builds seeded random weights)",
+                    f"the {name} backbone has no weights to override (it builds seeded random weights){optional}",
                     hint="drop --weight, or use --backbone sdxl",
                 )
             close = difflib.get_close_matches(key, keys, n=1)

@@ -3,7 +3,8 @@
     sdxl   SDXL base 1.0 and the weights the methods and metrics load, from the hub or
            from local folders given as overrides (`--weight sdxl=/path/to/folder`). Its
            `vae` part may be replaced too (`--weight vae=madebyollin/sdxl-vae-fp16-fix`, a
-           VAE that does not overflow in fp16); without that, SDXL's own VAE.
+           VAE that does not overflow in fp16); without that, SDXL's own VAE. RelationBooth's
+           `local_encoder` is used only when given (`--weight local_encoder=clipself.pt`).
     tiny   the same architectures at toy size with seeded random weights (see tiny.py): no
            files, no network. For tests and dry runs.
 """
@@ -27,6 +28,9 @@ class BackbonePreset:
     # parts of the SDXL pipeline an override may replace; without one, the sdxl folder's own
     # are used, so they have no source here (and are in run.json's weights only when overridden)
     sdxl_parts: tuple[str, ...] = ()
+    # weights used only when given (`--weight KEY=PATH`): no source here, never fetched otherwise,
+    # in run.json's weights only when given
+    optional: tuple[str, ...] = ()
     seed: int | None = None  # tiny only: the seed of the random weights
 
 
@@ -72,14 +76,24 @@ PRESETS: dict[str, BackbonePreset] = {
             "detector": WeightSource.hub("google/owlv2-base-patch16-ensemble"),
             # VLM of the `vqa` metric (metrics/vqa.py); any transformers image-text-to-text model
             "vqa": WeightSource.hub("Qwen/Qwen2.5-VL-3B-Instruct"),
+            # data engine annotators (data/annotators.py): SAM masks from detector boxes, and
+            # ViTPose+ keypoints for people (`pose`) and everything else (`pose_animal`)
+            "segmenter": WeightSource.hub("facebook/sam-vit-base"),
+            "pose": WeightSource.hub("usyd-community/vitpose-plus-base"),
+            "pose_animal": WeightSource.hub("usyd-community/vitpose-plus-base"),
         },
         sdxl_parts=("vae",),
+        # RelationBooth's local encoder (REFERENCE 2): a CLIPSelf-distilled CLIP ViT-bigG/14, an
+        # open_clip checkpoint file (or a folder holding one; `relbench train-local-encoder`
+        # writes clipself.pt); without it the stock image_encoder (the training-free variant)
+        optional=("local_encoder",),
     ),
     "tiny": BackbonePreset(
         name="tiny",
         description="SDXL's architectures at toy size with seeded random weights (tests, dry runs; no files)",
         resolution=128,
         weights={},
+        optional=("local_encoder",),  # a CLIPSelf checkpoint of the toy tower (train-local-encoder --backbone tiny)
         seed=0,
     ),
 }

@@ -6,6 +6,8 @@ format and its checker; `example_triplets.py`; `authors.py`, the import of the a
 Layout: `<root>/<source>/<dir>/<image files>`, where `source` is a dataset name
 ("dreambench", "customconcept101") and `dir` a subject folder (Subject.dir). The root is
 `data_root()`: an explicit path, else $RELBENCH_DATA, else ~/.cache/relationbench/data.
+A suite may instead name a subject's images by path (Subject.images: files, or folders
+meaning their image files): those are used as named, wherever the data root is.
 
 Getting a dataset (`relbench data fetch NAME` / `relbench data import NAME PATH`) never leaves
 a half-written copy: files go to a temporary folder inside the root, are verified (expected
@@ -161,27 +163,64 @@ def is_image(path: str | Path) -> bool:
 
 
 def subject_dir(subject, root: str | Path | None = None) -> Path:
-    """`<root>/<source>/<dir>` for a suites.Subject."""
+    """`<root>/<source>/<dir>` for a suites.Subject of a dataset."""
     return data_root(root) / subject.source / subject.dir
 
 
 def reference_images(subject, root: str | Path | None = None) -> list[Path]:
-    """The subject's reference images, sorted by name; [] when none are on disk."""
-    folder = subject_dir(subject, root)
-    if not folder.is_dir():
-        return []
+    """The subject's reference images, in the order every consumer uses them.
+
+    A dataset subject: the image files of `<root>/<source>/<dir>` sorted by name, [] when none
+    are on disk. A subject named by path (`root` unused): its paths in the suite's order, a
+    folder replaced by its image files sorted by name; a path that is missing, or a folder
+    without image files, is a UserError naming the suite file, the subject and the path.
+    """
+    if not subject.images:
+        folder = subject_dir(subject, root)
+        return _image_files(folder) if folder.is_dir() else []
+    out: list[Path] = []
+    for named in map(Path, subject.images):
+        found = [named] if named.is_file() else _image_files(named) if named.is_dir() else []
+        if not found:
+            what = (f"folder {named} holds no image files ({', '.join(IMAGE_SUFFIXES)})" if named.is_dir()
+                    else f"no image file or folder {named}")
+            raise UserError(f"subject {subject.name!r}: {what}", path=subject.suite_file,
+                            hint="fix the subject's `images:` in the suite file (a relative path is relative to "
+                                 "the suite file's folder)")
+        out.extend(found)
+    return out
+
+
+def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image(p) and not p.name.startswith("."))
+
+
+def subject_images_sha256(subjects: Iterable) -> dict[str, list[str]]:
+    """Subject name -> the sha256 of each reference image, in order, for the subjects named by
+    path (a dataset's files are checked by its SHA256SUMS): what a run records, so that images
+    changed under a run are seen. A missing image is reference_images' UserError."""
+    return {s.name: [sha256_file(p) for p in reference_images(s)] for s in subjects if s.images}
 
 
 def missing_subjects(subjects: Iterable, root: str | Path | None = None) -> list:
     """The subjects (in the given order, each once) that have no reference images."""
     out, seen = [], set()
     for s in subjects:
-        key = (s.source, s.dir, s.name)
+        key = (s.images_key, s.name)
         if key not in seen and not reference_images(s, root):
             out.append(s)
         seen.add(key)
     return out
+
+
+def fetch_hint(subject, root: str | Path | None = None) -> str:
+    """How to give a subject its reference images: the dataset's command, the folder to fill,
+    or the suite file whose paths to fix."""
+    if subject.images:
+        return f"fix its `images:` paths in {subject.suite_file}"
+    if subject.source in DATASETS:
+        return get_command(subject.source, root=root)
+    return f"put its images in {subject_dir(subject, root)}/"
 
 
 def get_command(source: str, *, local: bool = False, root: str | Path | None = None) -> str:
@@ -572,6 +611,7 @@ __all__ = [
     "VerifyReport",
     "data_root",
     "fetch",
+    "fetch_hint",
     "get_command",
     "get_spec",
     "import_",
@@ -579,5 +619,6 @@ __all__ = [
     "reference_images",
     "require_images",
     "subject_dir",
+    "subject_images_sha256",
     "verify",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -96,14 +97,40 @@ RELATIONS: dict[str, _Relation] = {
 }
 
 
-def write_example_triplets(out: str | Path, *, seed: int = 0) -> TripletSet:
-    """Write the example set into `out` (new or empty; written atomically) and return it loaded.
+def example_relation(relation: str) -> _Relation:
+    """The example spec of any relation folder name: RELATIONS' own, else a bear and a tiger
+    ("a bear lean on a tiger": the folder name's words as the predicate) in the hug's
+    placement, with front legs posed by a generator seeded from the name, so each relation's
+    pose differs and the same name always draws the same set."""
+    if relation in RELATIONS:
+        return RELATIONS[relation]
+    words = relation.replace("_", " ")
+    rng = np.random.default_rng(list(relation.encode()))
+    pose = list(_QUADRUPED)
+    for joint in (6, 7, 9, 10):  # elbows and front paws
+        x, y = pose[joint]
+        pose[joint] = (x + float(rng.uniform(-0.4, 0.6)), y + float(rng.uniform(-0.6, 0.2)))
+    return _Relation(
+        predicate=words,
+        prompts=tuple(f"{p.format(words)}" for p in ("A bear {} a tiger.", "A photo of a bear {} a tiger.",
+                                                   "A bear {} a tiger on the grass.", "A brown bear {} a tiger.",
+                                                   "A bear {} a tiger in the snow.")),
+        figures=(_Figure("bear", (120, 72, 40), "ap10k-17", pose, _QUADRUPED, (0.27, 0.55), 0.16),
+                 _Figure("tiger", (235, 140, 30), "ap10k-17", pose, _QUADRUPED, (0.73, 0.55), 0.16, mirrored=True)),
+        scores=False,
+    )
+
+
+def write_example_triplets(out: str | Path, *, seed: int = 0, relations: Sequence[str] | None = None) -> TripletSet:
+    """Write the example set into `out` (new or empty; written atomically) and return it loaded:
+    RELATIONS, or the given relation folder names (example_relation).
 
     Raises UserError when `out` exists and is not an empty folder.
     """
     out = Path(out)
+    specs = {r: example_relation(r) for r in relations} if relations is not None else RELATIONS
     with new_folder(out) as tmp:
-        for relation, spec in RELATIONS.items():
+        for relation, spec in specs.items():
             folder = tmp / relation
             records = [_write_sample(folder, i, spec, np.random.default_rng([seed, i, len(relation)]))
                        for i in range(SAMPLES_PER_RELATION)]

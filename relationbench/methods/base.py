@@ -42,13 +42,15 @@ class Sample:
 
 @dataclass
 class Context:
-    """What a method may use: the backbone, the device and dtype, the subject image root."""
+    """What a method may use: the backbone, the device and dtype, the subject image root, and
+    the name of the card it was built from (for messages that give a command to run)."""
 
     backbone: "Backbone"
     device: str
     dtype: Any  # a torch dtype
     data_root: Path
     quiet: bool = False
+    card: str = ""
 
 
 class Method(Protocol):
@@ -69,6 +71,9 @@ class Method(Protocol):
                                      group; each image depends only on its own request
         close()                      undo what the method did to shared objects (attention
                                      processors, adapters on the backbone's cached pipeline)
+        run_info()                   after load(): what run.json records beyond the card's
+                                     settings, decided at load time (e.g. which local encoder
+                                     was found), and `label`, a variant label for tables
 
     `Settings` is the dataclass a card's settings fill; `weights` the backbone weight keys
     the method loads (checked for availability before load()); `needs_references`: the
@@ -91,6 +96,8 @@ class Method(Protocol):
 
     def close(self) -> None: ...
 
+    def run_info(self) -> dict[str, Any]: ...
+
 
 class MethodBase:
     """Defaults of the optional lifecycle steps, for adapters to inherit: no weights beyond
@@ -110,6 +117,9 @@ class MethodBase:
 
     def group(self, case: "Case") -> Hashable:
         return None
+
+    def run_info(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         pass

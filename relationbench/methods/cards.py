@@ -199,6 +199,8 @@ class MethodCard:
 
     def build(self, context: Context) -> Method:
         cls = self.adapter_class()
+        if context is not None:
+            context = dataclasses.replace(context, card=self.name)
         return cls(self.settings(self.resolve(bool(context and context.backbone.is_tiny)).values), context)
 
 

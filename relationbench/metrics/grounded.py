@@ -116,12 +116,12 @@ class GroundedScorer:
                  for it, dets in zip(items, picks) for d in dets if d is not None]
         clip, dino = self.embed(crops) if crops else (np.zeros((0, 1)), np.zeros((0, 1)))
         embedded = iter(zip(clip, dino))  # in crop order
-        refs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray] | None] = {}
+        refs: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray] | None] = {}
         return [self._row(it, dets, {s: next(embedded) for s, d in enumerate(dets) if d is not None}, refs)
                 for it, dets in zip(items, picks)]
 
     def _reference(self, subject: "Subject", cache: dict) -> tuple[np.ndarray, np.ndarray] | None:
-        key = (subject.source, subject.dir)  # a subject's images, whatever its suite calls it
+        key = subject.images_key  # a subject's images, whatever its suite calls it
         if key not in cache:
             cache[key] = self.references(subject)
         return cache[key]

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..methods.cards import format_value, variant_name
 from ..metrics.registry import FAMILIES, PAPER, column_spec, family_columns
 from ..runs import FAMILY_KEY_COLUMNS, FAMILY_SCORES, RUN_JSON, SCORE_COLUMNS, SCORE_FLOAT_COLUMNS, RunDir
 from ..runs import SCORES as SCORES_CSV
@@ -42,12 +43,29 @@ def _read_run_json(run_dir: Path) -> dict[str, str]:
     path = run_dir / RUN_JSON
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        return {k: str(meta[k]["name"]) for k in ("suite", "method", "backbone")}
+        names = {k: str(meta[k]["name"]) for k in ("suite", "method", "backbone")}
+        label = (meta["method"].get("run") or {}).get("label")
+        if label:  # decided at load time (e.g. which local encoder): part of the method's name
+            names["method"] = variant_name(names["method"], label)
+        return names
     except FileNotFoundError:
         raise UserError("scores.csv has no run.json beside it", path=run_dir,
                         hint="score a run folder made by `relbench generate`") from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"run.json lacks suite/method/backbone names ({exc!r})", path=path) from None
+
+
+def run_label(run_dir: Path) -> str:
+    """A run's row label in tables: its folder's name, and what the method decided at load
+    time when the name does not say it (`relationbooth@tiny [local_encoder=stock]`)."""
+    name = run_dir.resolve().name
+    try:
+        label = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))["method"].get("run", {}).get("label")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        label = None  # _read_run_json reports a broken run.json
+    shown = [f"{k}={format_value(v)}" for k, v in sorted((label or {}).items())
+             if f"{k}={format_value(v)}" not in name]
+    return f"{name} [{','.join(shown)}]" if shown else name
 
 
 def load_run_scores(run_dir: str | Path) -> pd.DataFrame:
@@ -111,7 +129,7 @@ def _tagged(df: pd.DataFrame, columns: list[str], run_dir: Path, path: Path, gro
     meta = _read_run_json(run_dir)
     _check_one_row_per_image(df, run_dir, path, group)
     df = df[columns].copy()
-    df["run"] = run_dir.resolve().name
+    df["run"] = run_label(run_dir)
     df["run_dir"] = str(run_dir)
     for key, value in meta.items():
         df[key] = value

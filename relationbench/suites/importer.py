@@ -30,7 +30,7 @@ import yaml
 
 from ..errors import UserError
 from ..userfiles import load_json, read_text, show, text_problem
-from .loader import check_suite_name, parse_suite
+from .loader import check_suite_name, parse_suite, subject_entry
 from .model import Suite
 from .predicates import extract_predicate, predicate_backend
 
@@ -121,12 +121,7 @@ def import_cases(
         f"(subjects from the {registry.name} registry).",
         "license": registry.license,
         **({"predicates": predicate_backend("model")} if extracted else {}),  # what made them: never a silent fallback
-        "subjects": {
-            s: {k: v for k, v in {"class": registry.subjects[s].class_noun, "source": registry.subjects[s].source,
-                                  "dir": registry.subjects[s].dir, "category": registry.subjects[s].category}.items()
-                if v is not None}
-            for s in used
-        },
+        "subjects": {s: subject_entry(registry.subjects[s]) for s in used},
         "cases": cases,
     }
     parse_suite(data, path)  # the same validation as any suite file, naming the imported file

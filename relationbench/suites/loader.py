@@ -11,6 +11,8 @@ File format (YAML; documented in prompts/README.md):
                                   # relations); when given, a case without one has no relation
     subjects:                     # registry: name -> class noun and image location
       dog: {class: dog, source: dreambench, dir: dog, category: pets}
+      rex: {class: dog, images: [rex/1.jpg, rex/2.jpg]}   # or by path: files or folders,
+                                  # relative to this file's folder
     relations:                    # optional: [{verb: hug, ing: hugging}, ...]
     cases:
       - {id: rb-s-001, kind: single, subjects: [dog], prompt: a dog riding a bicycle,
@@ -21,7 +23,7 @@ File format (YAML; documented in prompts/README.md):
 from __future__ import annotations
 
 import difflib
-
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # every field's type (None: the field is absent); strings are one line unless free text
 _TOP_FIELDS = {"suite": (str,), "version": (int,), "images_per_case": (int,), "description": (str,),
                "license": (str,), "predicates": (str,), "subjects": (dict,), "cases": (list,), "relations": (list,)}
-_SUBJECT_FIELDS = {"class": (str,), "source": (str,), "dir": (str,), "category": (str,)}
+_SUBJECT_FIELDS = {"class": (str,), "source": (str,), "dir": (str,), "category": (str,), "images": (list, str)}
 _CASE_FIELDS = {"id": (str,), "kind": (str,), "subjects": (list, str), "prompt": (str,), "predicate": (str,),
                 "predicate_source": (str,), "relation": (str,), "boxes": (list,), "seed": (int,)}
 _FREE_TEXT = {"description", "license"}
@@ -75,24 +77,28 @@ def resolve_suite_path(name_or_path: str | Path) -> Path:
     )
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
+def load_suite(name_or_path: str | Path, base: Path | None = None) -> Suite:
+    """The suite of a name or file. `base`: the folder that subject image paths written
+    relative are relative to (default: the suite file's own folder; a run's copy of a suite
+    file passes the original's folder)."""
     path = resolve_suite_path(name_or_path)
     try:
         data = load_data(path)
     except UserError as exc:  # the suite's own error type, for callers that catch it
         raise SuiteError(exc.message, path=path, hint=exc.hint) from None
-    return parse_suite(data, path)
+    return parse_suite(data, path, base)
 
 
-def parse_suite(data: Any, path: Path) -> Suite:
-    """Build a Suite from parsed data, raising SuiteError on the first problem found."""
+def parse_suite(data: Any, path: Path, base: Path | None = None) -> Suite:
+    """Build a Suite from parsed data, raising SuiteError on the first problem found. `base`:
+    see load_suite."""
 
     def fail(msg: str, hint: str | None = None) -> SuiteError:
         return SuiteError(msg, path=path, hint=hint)
 
     if not isinstance(data, dict):
         raise fail("top level must be a mapping with keys suite, version, subjects, cases")
-    _check_fields(data, _TOP_FIELDS, ("suite", "subjects", "cases"), fail)
+    check_fields(data, _TOP_FIELDS, ("suite", "subjects", "cases"), fail)
     name = data["suite"]
     check_suite_name(name, path)
     version, images_per_case = (1 if data.get(key) is None else data[key] for key in ("version", "images_per_case"))
@@ -106,7 +112,8 @@ def parse_suite(data: Any, path: Path) -> Suite:
     relations = data.get("relations") or []
     if not all(isinstance(r, dict) and all(isinstance(k, str) and _plain(v) for k, v in r.items()) for r in relations):
         raise fail(f"relations must be a list of mappings of names to text, numbers or booleans, got {show(relations)}")
-    subjects = _parse_subjects(data["subjects"], fail)
+    base = Path(path).resolve().parent if base is None else Path(base)
+    subjects = _parse_subjects(data["subjects"], fail, path, base)
     if not data["cases"]:
         raise fail("'cases' must be a non-empty list")
     cases: list[Case] = []
@@ -142,7 +149,7 @@ def check_suite_name(name: str, path: Path | None = None) -> None:
                          "(it names a folder)", path=path)
 
 
-def _check_fields(raw: dict, fields: dict[str, tuple[type, ...]], required: tuple[str, ...], fail) -> None:
+def check_fields(raw: dict, fields: dict[str, tuple[type, ...]], required: tuple[str, ...], fail) -> None:
     """Every field's type in one place: no field outside `fields` (a typo would otherwise drop
     a value silently), the `required` ones present (not null), each field of
     `fields` absent, null or of its type (userfiles.type_problem: strings writable as UTF-8
@@ -169,30 +176,60 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float))
 
 
-def _parse_subjects(raw: dict, fail) -> dict[str, Subject]:
+def _parse_subjects(raw: dict, fail, path: Path, base: Path) -> dict[str, Subject]:
+    """The registry; `images` paths resolved against `base` (absolute, normalized: no file
+    system access, so a suite loads where its images are not)."""
     if not raw:
-        raise fail("'subjects' must be a non-empty mapping name -> {class, source}")
+        raise fail("'subjects' must be a non-empty mapping name -> {class, source} or {class, images}")
     out: dict[str, Subject] = {}
     for name, spec in raw.items():
         if not isinstance(name, str) or not name.strip() or text_problem(name):
             raise fail(f"subject name {show(name)} must be a one-line string", "quote names YAML reads as numbers")
         if not isinstance(spec, dict):
-            raise fail(f"subject {name!r}: needs 'class' and 'source'")
+            raise fail(f"subject {name!r}: needs 'class', and 'source' or 'images'")
 
         def subject_fail(msg: str, hint: str | None = None, name=name) -> SuiteError:
             return fail(f"subject {name!r}: {msg}", hint)
 
-        _check_fields(spec, _SUBJECT_FIELDS, ("class", "source"), subject_fail)
+        check_fields(spec, _SUBJECT_FIELDS, ("class",), subject_fail)
         if not spec["class"].strip():
             raise subject_fail("class must name the subject's class noun, got ''")
+        images = _parse_images(spec, subject_fail)
         out[name] = Subject(
             name=name,
             class_noun=spec["class"],
-            source=spec["source"],
-            dir=spec.get("dir") or name,
+            source=spec.get("source"),
+            dir=None if images else spec.get("dir") or name,
             category=spec.get("category"),
+            images=tuple(os.path.normpath(os.path.abspath(base / Path(p).expanduser())) for p in images),
+            suite_file=str(path),
         )
     return out
+
+
+def subject_entry(subject: Subject) -> dict[str, Any]:
+    """A subject's registry entry in a suite file (what _parse_subjects reads back); its image
+    paths absolute, so the entry names the same files from any suite file's folder."""
+    entry = {"class": subject.class_noun, "source": subject.source, "dir": subject.dir,
+             "category": subject.category, "images": list(subject.images) or None}
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+def _parse_images(spec: dict, fail) -> list[str]:
+    """A subject's `images` as written (one path or a list); [] for a subject of a dataset.
+    Exactly one of `source` and `images`; `dir` only with `source`."""
+    images = spec.get("images")
+    if images is None:
+        if spec.get("source") is None:
+            raise fail("needs 'source' (a dataset, with 'dir') or 'images' (paths of image files or folders)")
+        return []
+    if spec.get("source") is not None or spec.get("dir") is not None:
+        raise fail("has both 'images' and 'source'/'dir'", hint="name its images either by path or by dataset")
+    images = [images] if isinstance(images, str) else images
+    if not images or not all(isinstance(p, str) and p.strip() and not text_problem(p) for p in images):
+        raise fail(f"images must be a path or a non-empty list of paths, got {show(images)}",
+                   hint="paths of image files or folders, relative to the suite file's folder")
+    return images
 
 
 def _parse_case(raw: Any, index: int, suite: str, subjects: dict[str, Subject], path: Path) -> Case:
@@ -204,7 +241,7 @@ def _parse_case(raw: Any, index: int, suite: str, subjects: dict[str, Subject], 
 
     if not isinstance(raw, dict):
         raise fail("must be a mapping")
-    _check_fields(raw, _CASE_FIELDS, ("id", "kind", "subjects", "prompt", "boxes", "seed"), fail)
+    check_fields(raw, _CASE_FIELDS, ("id", "kind", "subjects", "prompt", "boxes", "seed"), fail)
     if not CASE_ID.fullmatch(case_id):
         raise fail("id may hold only letters, digits, '_', '.', '-', at most 100 (it names a folder)")
     kind = raw["kind"]
@@ -253,7 +290,7 @@ def _parse_case(raw: Any, index: int, suite: str, subjects: dict[str, Subject], 
     if predicate_source is not None and predicate is None:
         raise fail(f"predicate_source {predicate_source!r} marks a predicate, but the case has none",
                    hint="delete predicate_source, or add the predicate")
-    boxes = _parse_boxes(raw["boxes"], len(case_subjects), fail)
+    boxes = parse_boxes(raw["boxes"], len(case_subjects), fail)
     seed = raw["seed"]
     if not 0 <= seed < 2**32:
         raise fail(f"seed must be an integer in [0, 2**32), got {seed!r}")
@@ -281,7 +318,7 @@ def _mention_spans(prompt: str, nouns: list[str]) -> list[tuple[int, int]]:
     return spans
 
 
-def _parse_boxes(raw: list | tuple, n: int, fail) -> tuple[tuple[float, float, float, float], ...]:
+def parse_boxes(raw: list | tuple, n: int, fail) -> tuple[tuple[float, float, float, float], ...]:
     if len(raw) != n:
         raise fail(f"needs {n} box(es), one per subject, got {show(raw)}")
     out = []

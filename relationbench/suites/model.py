@@ -15,15 +15,27 @@ Box = tuple[float, float, float, float]
 class Subject:
     """A personalized subject: a name unique in its suite, a class noun, where its images live.
 
-    `source` names the image collection (dreambench, customconcept101) and `dir` the folder
-    inside it; the data module resolves them to files.
+    Either `source` names the image collection (dreambench, customconcept101) and `dir` the
+    folder inside it, or `images` names the images by path: absolute paths of files or folders
+    (a folder: its image files sorted by name), resolved when the suite was loaded against the
+    folder of the suite file that names them. The data module resolves both to files
+    (`relationbench.data.reference_images`). `suite_file`: the file that defined the subject,
+    for error messages only.
     """
 
     name: str
     class_noun: str
-    source: str
-    dir: str
+    source: str | None = None
+    dir: str | None = None
     category: str | None = None
+    images: tuple[str, ...] = ()
+    suite_file: str | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def images_key(self) -> tuple[str, ...]:
+        """What identifies the subject's images whatever its suite calls it: the paths it names,
+        or (source, dir). Two subjects with one key have the same reference images."""
+        return ("path", *self.images) if self.images else ("dataset", str(self.source), str(self.dir))
 
     def as_dict(self) -> dict:
         return {"name": self.name, "class": self.class_noun}
@@ -119,6 +131,11 @@ class Suite:
             if c.id == case_id:
                 return c
         raise KeyError(case_id)
+
+    def used_subjects(self) -> list[Subject]:
+        """The subjects some case names, in registry order."""
+        used = {s.name for c in self.cases for s in c.subjects}
+        return [s for name, s in self.subjects.items() if name in used]
 
     def counts(self) -> dict[str, int]:
         out = {"single": 0, "multi": 0}

@@ -95,15 +95,16 @@ FINITE_FORMS = frozenset(_third_person(v) for v in VERB_LEXICON)
 
 @lru_cache(maxsize=None)
 def _pipeline(use_model: bool) -> tuple[str, Language]:
-    """Load once: the first installed model package (without NER and lemmatizer, which the
-    parse does not need), else (or when use_model is False) a blank English tokenizer, with the
-    backend's id. spaCy is imported here so that importing the package stays light."""
+    """Load once: the first installed model package (without NER; the lemmatizer loaded but
+    out of the pipeline, for base_verb only), else (or when use_model is False) a blank English
+    tokenizer, with the backend's id. spaCy is imported here so that importing the package
+    stays light."""
     import spacy
 
     if use_model:
         for package in MODEL_PACKAGES:
             try:
-                nlp = spacy.load(package, exclude=["ner", "lemmatizer"])
+                nlp = spacy.load(package, exclude=["ner"], disable=["lemmatizer"])
             except OSError:
                 continue
             return f"spacy:{package}-{nlp.meta['version']}", nlp
@@ -151,6 +152,48 @@ def extract_predicate(prompt: str, subjects: Sequence[str] = (), *, backend: str
         return None
     last = doc[_phrase_end(doc, verb, use_parse and _is_parsed_verb(verb), allowed) - 1]
     return prompt[verb.idx : last.idx + len(last)]
+
+
+def base_verb(predicate: str, *, backend: str = "auto") -> str:
+    """The relation a predicate names: its verb in the base form, the rest as written
+    ("shaking hands with" -> "shake hands with", "sits on" -> "sit on", "high-fiving" ->
+    "high-five"), as the suites' `relation:` names relations (RelationBooth groups cases and
+    keys its LoRAs by it).
+
+    The spelling rules' candidates for an -ing or -s form ("riding": rid, ride) are looked up
+    in VERB_LEXICON; a verb it lacks takes the model's lemma (spaCy's lemmatizer tables) or,
+    rule-based, the rules' first candidate ("smiling" -> "smil": review it). `backend` as in
+    extract_predicate. A hyphenated verb is inflected at its last part.
+    """
+    word, sep, rest = predicate.strip().partition(" ")
+    head, dash, last = word.lower().rpartition("-")
+    candidates = _base_candidates(last)
+    known = next((c for c in candidates if head + dash + c in VERB_LEXICON), None)
+    if known is None:
+        name, nlp = _resolve(backend)
+        known = candidates[0]
+        if name != RULE_BASED:
+            token = nlp.make_doc(last)[0]
+            token.pos_ = "VERB"
+            known = nlp.get_pipe("lemmatizer").rule_lemmatize(token)[0]
+    return head + dash + known + sep + rest
+
+
+def _base_candidates(word: str) -> list[str]:
+    """Base forms an -ing or third-person -s form may come from, the likeliest first:
+    a doubled consonant undone ("hugging"), -ying as -ie ("lying"), the stem, the stem + e."""
+    if word.endswith("ing") and len(word) > 4:
+        stem = word[:-3]
+        doubled = [stem[:-1]] if stem[-1] == stem[-2] and stem[-1] not in "aeiouslfz" else []
+        ie = [stem[:-1] + "ie"] if stem.endswith("y") and len(stem) == 2 else []
+        return [*doubled, *ie, stem, stem + "e"]
+    if word.endswith("ies") and len(word) > 4:
+        return [word[:-3] + "y", word[:-1]]
+    if word.endswith(("sses", "shes", "ches", "xes", "zes")):
+        return [word[:-2], word[:-1]]
+    if word.endswith("s") and not word.endswith("ss"):
+        return [word[:-1]]
+    return [word]
 
 
 def _phrase_end(doc: Doc, verb: Token, by_parse: bool, allowed: list[bool]) -> int:

@@ -167,24 +167,27 @@ class MSDiffusionMethod(PipelineMethod):
 
     @torch.inference_mode()
     def encode_references(self, paths: Sequence[str]) -> None:
-        """Penultimate hidden states of the vision tower, once per reference image."""
+        """image_tokens() of each reference image file, once per file."""
         from PIL import Image
 
         from ...images import read_image
 
         todo = [p for p in dict.fromkeys(paths) if p not in self._embeds]
-        if not todo:
-            return
-        self.pipe  # noqa: B018  (loads the encoder with everything else)
-        encoder = self._encoder
-        device = next(encoder.parameters()).device
         for i in range(0, len(todo), 16):
             chunk = todo[i : i + 16]
             images = [read_image(p).resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.Resampling.BICUBIC)
                       for p in chunk]
-            pixels = self._processor(images=images, return_tensors="pt").pixel_values.to(device, encoder.dtype)
-            hidden = encoder(pixels, output_hidden_states=True).hidden_states[-2]
-            self._embeds.update(zip(chunk, hidden.to(self.context.device)))
+            self._embeds.update(zip(chunk, self.image_tokens(images)))
+
+    @torch.inference_mode()
+    def image_tokens(self, images: Sequence) -> torch.Tensor:
+        """What the resampler reads of each reference (PIL, REFERENCE_SIZE square): the vision
+        tower's penultimate hidden states [B, 257, E] (on the method's device)."""
+        self.pipe  # noqa: B018  (loads the encoder with everything else)
+        encoder = self._encoder
+        device = next(encoder.parameters()).device
+        pixels = self._processor(images=list(images), return_tensors="pt").pixel_values.to(device, encoder.dtype)
+        return encoder(pixels, output_hidden_states=True).hidden_states[-2].to(self.context.device)
 
     @torch.inference_mode()
     def phrase_embeds(self, phrases: Sequence[str]) -> torch.Tensor:

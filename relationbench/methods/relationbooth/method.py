@@ -1,33 +1,42 @@
-"""The `relationbooth` method: MS-Diffusion with a RelationLoRA per relation (paper 3.4).
+"""The `relationbooth` method: MS-Diffusion with a RelationLoRA per relation and local tokens
+(paper 3.4).
 
 Training (`relbench train`, train.py) loads the model exactly as the `msdiffusion` method
 does (this class is that method, with training settings added) and trains one LoRA per
 relation into a LoRA bank (training.py). Generation is MS-Diffusion's with the relation's
 LoRA switched in: cases are grouped by relation (a suite's "shake hands with" is the triplet
 folder and LoRA relation "shake_hands_with"), and each relation's LoRA is the bank's newest
-for it on this backbone trained with these settings, else its newest of any (local tokens
-are not here yet).
+for it on this backbone trained with these settings (selection.py). Both read each reference
+as its 257 image tokens followed by `local_tokens` pooled dense tokens of the local encoder
+(local_tokens.py, paper 3.4.3): the stock bigG tower (training-free) unless a CLIPSelf
+checkpoint is given as `--weight local_encoder=PATH`; run.json says which.
 """
-
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from ...errors import UserError
 from ..base import Context, Request, Sample
-from ..lora.bank import BankAdapters, BankEntry, LoraBank
 from ..lora.trainer import NOT_LEARNED, TrainerSettings
 from ..msdiffusion import MSDiffusionMethod, MSDiffusionSettings
+from ..msdiffusion.method import REFERENCE_SIZE
+from ...data import sha256_file
 from .kml import KMLSettings
+from .local_tokens import LOCAL_TOKEN_COUNTS, WEIGHT_KEY, LocalEncoder, checkpoint_file, tower_from_checkpoint
+from .selection import RelationLoRASampling, relation_key  # noqa: F401  (relation_key: public here too)
 
 if TYPE_CHECKING:
     from ...data.triplets import TripletSample
+
+LOCAL_ENCODERS = ("auto", "stock", "clipself")
+BLANK = (255, 255, 255)  # the blank image prompt of the "w/o relation-aware data" ablation
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,14 @@ class RelationBoothSettings(MSDiffusionSettings, TrainerSettings):
     kml_min_score: float = 0.0  # keypoints scored below this are left out (0: all kept)
     # the authors' code only (REFERENCE 2/7): predicate cross-attention loss, code weight 1e-3
     predicate_loss_weight: float = 0.0
+    # local token injection (paper 3.4.3, Tables 5 and 7): in training and sampling
+    local_tokens: int = 16  # pooled dense tokens per reference after its 257; 0: none (1, 4, 16, 64)
+    local_resolution: int = 896  # side the local encoder sees (authors' code: 64 x 64 tokens on bigG/14)
+    local_encoder: str = "auto"  # auto: the CLIPSelf checkpoint if given (--weight local_encoder), else stock
+    # ablation (paper Table 4): False trains on (x, c_t) with blank image prompts (and so no KML)
+    relation_data: bool = True
     bank: str | None = None  # the LoRA bank generation reads (and `relbench train` writes); None: the default
+    allow_base_fallback: bool = False  # a relation without a LoRA samples the base model (manifest says so)
 
     def __post_init__(self):
         MSDiffusionSettings.__post_init__(self)
@@ -65,48 +81,86 @@ class RelationBoothSettings(MSDiffusionSettings, TrainerSettings):
             raise ValueError("kml_weight and predicate_loss_weight must be at least 0")
         if self.kml_max_timestep is not None and self.kml_max_timestep < 0:
             raise ValueError(f"kml_max_timestep must be at least 0 or null, got {self.kml_max_timestep}")
+        if self.local_tokens and self.local_tokens not in LOCAL_TOKEN_COUNTS:
+            raise ValueError(f"local_tokens must be 0 or one of {LOCAL_TOKEN_COUNTS}, got {self.local_tokens}")
+        if self.local_resolution < 14:
+            raise ValueError(f"local_resolution must be at least one patch (14 px), got {self.local_resolution}")
+        if self.local_encoder not in LOCAL_ENCODERS:
+            raise ValueError(f"local_encoder must be one of {LOCAL_ENCODERS}, got {self.local_encoder!r}")
 
     def kml(self) -> KMLSettings:
-        return KMLSettings(enabled=self.kml_weight > 0, weight=self.kml_weight, max_timestep=self.kml_max_timestep,
+        """The keypoint matching loss as trained: none without image prompts to match."""
+        on = self.kml_weight > 0 and self.relation_data
+        return KMLSettings(enabled=on, weight=self.kml_weight if on else 0.0, max_timestep=self.kml_max_timestep,
                            min_score=self.kml_min_score)
 
 
 # what a RelationLoRA learns from besides the trainer's settings (sampling settings are not)
 TRAINING_FIELDS = ("batch_size", "scale", "subject_scales", "kml_weight", "kml_max_timestep", "kml_min_score",
-                   "predicate_loss_weight")
-
-
-def relation_key(relation: str) -> str:
-    """The relation-triplet folder (and LoRA) name of a suite's relation: its words joined by
-    "_" ("shake hands with" -> "shake_hands_with"), since a folder name has no spaces."""
-    return "_".join(relation.split())
+                   "predicate_loss_weight", "local_tokens", "relation_data")
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-class RelationBoothMethod(MSDiffusionMethod):
+class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
     Settings = RelationBoothSettings
 
     def __init__(self, settings: RelationBoothSettings, context: Context):
         super().__init__(settings, context)
-        self._bank: LoraBank | None = None
-        self._adapters: BankAdapters | None = None
-        self._loras: dict[str, str] = {}  # relation -> its LoRA's name in the bank
+        self._local: LocalEncoder | None = None
 
-    @property
-    def bank(self) -> LoraBank:
-        if self._bank is None:
-            from .lora import default_bank
+    # -- local tokens ----------------------------------------------------------------------------
+    @cached_property
+    def local_identity(self) -> dict[str, Any] | None:
+        """Which local encoder the settings use, known before loading anything: None (no local
+        tokens), {"kind": "stock"} or {"kind": "clipself", "source", "sha256"}. Raises a
+        UserError for local_encoder "clipself" without a checkpoint."""
+        s = self.settings
+        if not s.local_tokens:
+            return None
+        given = WEIGHT_KEY in self.context.backbone.weights
+        if s.local_encoder == "clipself" and not given:
+            raise UserError("local_encoder is 'clipself' but no CLIPSelf checkpoint was given",
+                            hint=f"--weight {WEIGHT_KEY}=PATH (an open_clip checkpoint, e.g. from "
+                                 "`relbench train-local-encoder`), or --set local_encoder=stock")
+        if s.local_encoder == "stock" or not given:
+            return {"kind": "stock", "resolution": s.local_resolution}
+        path = checkpoint_file(self.context.backbone.fetch(WEIGHT_KEY))
+        return {"kind": "clipself", "source": str(path), "sha256": sha256_file(path), "resolution": s.local_resolution}
 
-            self._bank = LoraBank(Path(self.settings.bank).expanduser() if self.settings.bank else default_bank())
-        return self._bank
+    def _load_local_encoder(self) -> None:
+        """The local encoder local_identity names: the stock tower itself, or the checkpoint
+        in a copy of its architecture on its device and dtype."""
+        identity = self.local_identity
+        if identity is None or self._local is not None:
+            return
+        tower = self._encoder
+        if identity["kind"] == "clipself":
+            weight = next(tower.parameters())
+            tower = tower_from_checkpoint(Path(identity["source"]), tower.config).to(weight.device, weight.dtype).eval()
+        self._local = LocalEncoder(tower, kind=identity["kind"], resolution=identity["resolution"],
+                                   source=identity.get("source"), sha256=identity.get("sha256"))
 
-    def use_bank(self, bank: LoraBank) -> None:
-        """Train into (and generate from) `bank` instead of the settings' (`relbench train --out`)."""
-        self._bank = bank
-        self._loras.clear()
+    @torch.inference_mode()
+    def image_tokens(self, images: Sequence) -> torch.Tensor:
+        """MS-Diffusion's 257 image tokens of each reference, then its `local_tokens` local
+        tokens (paper 3.4.3: plain concatenation, Table 8) -> [B, 257 + N, E]."""
+        tokens = super().image_tokens(images)
+        if not self.settings.local_tokens:
+            return tokens
+        self._load_local_encoder()
+        local = self._local.tokens(list(images), self.settings.local_tokens)  # type: ignore[union-attr]
+        return torch.cat([tokens, local.to(tokens.device, tokens.dtype)], dim=1)
+
+    def run_info(self) -> dict[str, Any]:
+        """run.json's record of the local encoder used, and a label for tables when it is the
+        training-free stock tower (never a silent switch: REFERENCE 7)."""
+        identity = self.local_identity
+        if identity is None:
+            return {"local_encoder": None}
+        return {"local_encoder": identity, "label": {"local_encoder": identity["kind"]}}
 
     # -- training -------------------------------------------------------------------------------
     def resolution(self) -> int:
@@ -118,10 +172,12 @@ class RelationBoothMethod(MSDiffusionMethod):
         s = self.settings
         out = {k: v for k, v in asdict(TrainerSettings.of(s)).items() if k not in NOT_LEARNED}
         out.update({k: getattr(s, k) for k in TRAINING_FIELDS}, resolution=self.resolution())
+        if s.local_tokens:
+            out["local_encoder"] = {k: v for k, v in self.local_identity.items() if k != "source"}
         return out
 
     def settings_digest(self) -> str:
-        """A digest of learned(), recorded with each LoRA: generation prefers its own settings'."""
+        """A digest of learned(), recorded with each LoRA: generation uses its own settings'."""
         return _digest(self.learned())
 
     def lora_name(self, relation: str, data_hash: str, processes: int = 1) -> str:
@@ -135,12 +191,25 @@ class RelationBoothMethod(MSDiffusionMethod):
     @torch.no_grad()
     def reference_tokens(self, images: Sequence[Path], entities: Sequence[str], boxes: torch.Tensor) -> torch.Tensor:
         """MS-Diffusion's subject tokens [O, 16, D] of one reference image per entity, each with
-        its entity as the grounding phrase and its box [O, 4] (normalized xyxy), as in sampling."""
-        paths = [str(p) for p in images]
-        self.encode_references(paths)
+        its entity as the grounding phrase and its box [O, 4] (normalized xyxy), as in sampling;
+        without relation-aware data (the ablation), of a blank image instead of each reference."""
         dtype = self.pipe.unet.dtype
-        clip = torch.stack([self._embeds[p] for p in paths]).to(dtype)
-        return self.adapter.subject_tokens(clip, self.phrase_embeds(list(entities)).to(dtype), boxes.to(dtype))
+        if self.settings.relation_data:
+            paths = [str(p) for p in images]
+            self.encode_references(paths)
+            clip = torch.stack([self._embeds[p] for p in paths])
+        else:
+            clip = self.blank_tokens().expand(len(images), -1, -1)
+        return self.adapter.subject_tokens(clip.to(dtype), self.phrase_embeds(list(entities)).to(dtype),
+                                           boxes.to(dtype))
+
+    def blank_tokens(self) -> torch.Tensor:
+        """image_tokens() of a blank (white) image prompt [1, T, E], computed once."""
+        if "<blank>" not in self._embeds:
+            from PIL import Image
+
+            self._embeds["<blank>"] = self.image_tokens([Image.new("RGB", (REFERENCE_SIZE,) * 2, BLANK)])[0]
+        return self._embeds["<blank>"][None]
 
     def image_scales(self, n: int) -> torch.Tensor:
         """gamma of each of n subjects [n]: `scale`, or `subject_scales` where set."""
@@ -155,57 +224,42 @@ class RelationBoothMethod(MSDiffusionMethod):
                                   data_parallel=data_parallel)
 
     # -- generation ------------------------------------------------------------------------------
-    def lora_for(self, relation: str) -> str:
-        """The name of the LoRA for `relation` on this backbone (by name): the newest trained
-        with these settings, else the newest of any (another card's, or an imported one)."""
-        if relation not in self._loras:
-            backbone = self.context.backbone.name  # also the authors' released LoRAs (base "sdxl")
-            found: list[BankEntry] = [e for e in self.bank.entries() if e.info.get("relation") == relation
-                                      and e.base.get("name") == backbone]
-            if not found:
-                raise UserError(f"the LoRA bank {self.bank.root} has no RelationLoRA for the relation {relation!r} "
-                                f"on the {self.context.backbone.name} backbone",
-                                hint=f"train it (relbench train --data DIR --relation {relation} --backbone "
-                                     f"{self.context.backbone.name}), or point `bank` at a bank that has it")
-            mine = [e for e in found if e.info.get("settings_digest") == self.settings_digest()]
-            self._loras[relation] = max(mine or found, key=lambda e: (e.created, e.name)).name
-        return self._loras[relation]
+    def lora_digest(self) -> str:
+        return self.settings_digest()
 
-    def check(self, cases) -> None:
-        """MS-Diffusion's checks, and every case has a relation with a LoRA in the bank."""
-        super().check(cases)
-        missing = sorted({c.id for c in cases if not c.relation})
-        if missing:
-            raise UserError(f"RelationBooth generates relation cases; {len(missing)} case(s) have no relation "
-                            f"(e.g. {missing[0]})", hint="choose a suite with relations, e.g. relationbench")
-        for relation in sorted({self.group(c) for c in cases}):
-            self.lora_for(relation)
+    def train_lacking(self, relations: list[str]) -> None:
+        """On the tiny backbone with no bank given, train the lacking LoRAs (train_tiny_bank)."""
+        if self.context.backbone.is_tiny and not self.bank_given():
+            self.train_tiny_bank(relations)
 
-    def group(self, case) -> Hashable:
-        """The case's relation as its LoRA is named (relation_key)."""
-        return relation_key(case.relation)
+    def train_tiny_bank(self, relations: Sequence[str]) -> None:
+        """Train the tiny backbone's LoRAs of `relations` on example triplets (stick figures,
+        data/example_triplets.py) into the default bank: seconds each, so a first run of
+        `relbench generate --method relationbooth --backbone tiny` needs nothing else."""
+        from ...data.example_triplets import write_example_triplets
+        from ...data.triplets import load_triplets
+        from ...generate import Shard
+        from ...paths import cache_root
+        from ...train import train_into_bank
+
+        if not self.context.quiet:
+            print(f"relationbooth: training tiny RelationLoRAs on example triplets for {', '.join(relations)}")
+        root = cache_root() / "relationbooth" / "example-triplets"
+        for relation in relations:
+            if not (root / relation / relation / "triplets.json").is_file():
+                write_example_triplets(root / relation, relations=[relation])
+        triplets = {r: load_triplets(root / r) for r in relations}
+        self.load()
+        for relation in relations:
+            data = triplets[relation]
+            name = self.lora_name(relation, data.content_hash(relation))
+            train_into_bank(self, data, root / relation, {relation: name}, [relation], Shard(),
+                            self.context.card or "relationbooth", quiet=self.context.quiet)
 
     def load(self) -> None:
         super().load()
-        if self._adapters is None:
-            self._adapters = BankAdapters(self._pipe, self.bank)
+        self._load_local_encoder()
 
     def generate(self, requests: Sequence[Request]) -> list[Sample]:
         """MS-Diffusion's images with the batch's relation LoRA active (one relation per batch)."""
-        relations = {self.group(r.case) for r in requests}
-        if len(relations) != 1:
-            raise ValueError(f"a batch must hold the cases of one relation, got {len(relations)}")
-        name = self.lora_for(relations.pop())
-        self.load()
-        self._adapters.activate(name)  # type: ignore[union-attr]
-        samples = super().generate(requests)
-        for sample in samples:
-            sample.meta["lora"] = name
-        return samples
-
-    def close(self) -> None:
-        """Remove the LoRAs from the shared pipeline, then MS-Diffusion's own undoing."""
-        if self._adapters is not None:
-            self._adapters.close()
-            self._adapters = None
-        super().close()
+        return self.with_relation_lora(requests, super().generate)

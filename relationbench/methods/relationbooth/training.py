@@ -336,8 +336,9 @@ def train_relationlora(method: "RelationBoothMethod", samples: Sequence["Triplet
                               scheduler.config.num_train_timesteps, pipe.unet.dtype)
     relation = samples[0].relation
     record = {"resolution": resolution, "batch_size": s.batch_size, "image_scale": s.scale,
-              "kml": {"weight": s.kml_weight, "max_timestep": s.kml_max_timestep, "min_score": s.kml_min_score},
-              "predicate_loss_weight": s.predicate_loss_weight, **info}
+              "kml": {"weight": s.kml().weight, "max_timestep": s.kml_max_timestep, "min_score": s.kml_min_score},
+              "predicate_loss_weight": s.predicate_loss_weight, "relation_data": s.relation_data,
+              "local_tokens": s.local_tokens, "local_encoder": method.local_identity, **info}
     with contextlib.ExitStack() as stack:
         capture = (stack.enter_context(PredicateAttention.attached(pipe.unet, method.adapter))
                    if s.predicate_loss_weight else None)
