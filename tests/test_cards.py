@@ -159,3 +159,16 @@ def test_dreambooth_trains_a_smoke_schedule_on_tiny():
     assert tiny["train_steps"] * tiny["gradient_accumulation"] <= 4
     assert tiny["num_class_images"] <= 4 and tiny["class_steps"] <= 4
     assert (real["train_steps"], real["num_class_images"], real["gradient_accumulation"]) == (500, 100, 4)
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    """PyYAML (YAML 1.1) reads 1e-3 as text: a float setting takes it as the number it is
+    (the paper's lambda values 1e-2 / 1e-3 / 1e-4), and text stays refused."""
+    from relationbench.methods import default_registry
+    from relationbench.methods.cards import parse_set
+
+    card = default_registry().card("relationbooth", parse_set(["kml_weight=1e-2", "learning_rate=5E-4"]))
+    values = card.resolve(False).values
+    assert values["kml_weight"] == 0.01 and values["learning_rate"] == 0.0005
+    with pytest.raises(UserError, match="kml_weight must be float"):
+        default_registry().card("relationbooth", parse_set(["kml_weight=1e"])).resolve(False)

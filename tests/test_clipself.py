@@ -194,7 +194,7 @@ def test_cli_exit_codes(tmp_path, images):
         (["--images", tmp_path / "missing"], "no such folder"),
         (["--images", folder, "--set", "trainable_blocks=4"], "at most 3"),
         (["--images", folder, "--out", tmp_path / "enc"], "already holds"),
-        (["--images", folder, "--weight", f"local_encoder={tmp_path}"], "no weights to override"),
+        (["--images", folder, "--weight", f"local_encoder={tmp_path}"], "has no use here"),
     ):
         failed = relbench("train-local-encoder", "--backbone", "tiny", "--out", tmp_path / "other", "--quiet", *args)
         assert failed.exit_code == 2 and message in failed.output, failed.output

@@ -230,8 +230,8 @@ def test_checkpoints_that_do_not_fit_are_user_errors_naming_the_file(tmp_path, t
         load_local_encoder(sdxl_with(tmp_path / "wide.pt"), tower, resolution=224)
     with pytest.raises(UserError, match="holds 6 checkpoint files"):
         load_local_encoder(sdxl_with(tmp_path), tower, resolution=224)
-    with pytest.raises(UserError, match="no weights to override"):  # the tiny backbone has none
-        get_backbone("tiny", {"local_encoder": str(tmp_path / "wide.pt")})
+    with pytest.raises(UserError, match="only local_encoder may be given"):  # tiny's one optional weight
+        get_backbone("tiny", {"vae": str(tmp_path / "wide.pt")})
 
 
 def test_conversion_refuses_keys_it_cannot_place():

@@ -49,10 +49,13 @@ def env(tmp_path_factory):
     """A cache (the default bank) and a data root with references for the cases used here."""
     root = tmp_path_factory.mktemp("rbgen")
     make_references(root / "data", ["rb-s-006", "rb-m-011", "rb-s-001"])
-    with pytest.MonkeyPatch.context() as mp:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_thread, which starts after module fixtures: images compared across
+    with pytest.MonkeyPatch.context() as mp:  # tests are made with one thread count
         mp.setenv("RELBENCH_CACHE", str(root / "cache"))
         mp.setenv("RELBENCH_DATA", str(root / "data"))
         yield root
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +163,9 @@ def test_n_local_tokens_reach_the_resampler(env, count, monkeypatch):
         method.check([case])
         method.load()
         method.generate([Request(case, 0, 5)])
-        assert seen and set(seen) == {257 + count}
+        method.reference_tokens([method.reference(case.subjects[1])], [case.subjects[1].class_noun],
+                                torch.tensor([[0.1, 0.1, 0.9, 0.9]]))  # training's path
+        assert len(seen) >= 2 and set(seen) == {257 + count}
         if count:
             ref = Image.open(method.reference(case.subjects[0])).convert("RGB").resize((512, 512), Image.BICUBIC)
             tokens = method.image_tokens([ref])
@@ -263,3 +268,36 @@ def test_the_leaderboard_row_names_the_local_encoder(env, auto_run):
     from relationbench.report.aggregate import run_label
 
     assert run_label(auto_run[0]) == "rb [local_encoder=stock]"
+
+
+def test_a_fused_lora_samples_as_the_adapter_and_leaves_the_unet_exactly_as_it_was(env, auto_run):
+    """fuse_lora merges the relation's LoRA into the UNet while its group samples: images
+    within rounding of the unmerged adapter's, and after the run (two relations, so one
+    switch) every UNet weight is bit-identical to before."""
+    import numpy as np
+
+    from relationbench.methods import Request
+    from relationbench.suites import load_suite
+
+    suite = load_suite("relationbench")
+    ride, hug = suite.case("rb-m-011"), suite.case("rb-s-001")
+    images = {}
+    for fuse in (False, True):
+        method = _method(env, fuse_lora=fuse, steps=2)
+        unet = method.context.backbone.sdxl_pipeline(device="cpu", dtype=torch.float32).unet  # the shared one
+        before = {k: v.clone() for k, v in unet.state_dict().items()}
+        try:
+            method.check([ride, hug])
+            method.load()
+            images[fuse] = np.asarray(method.generate([Request(ride, 0, 5)])[0].image, dtype=np.int16)
+            if fuse:
+                assert method._adapters._base is not None  # merged while the group samples
+            method.generate([Request(hug, 0, 5)])  # switching: ride's LoRA unmerged, hug's merged
+            assert method._adapters.active == method.lora_for("hug") != method.lora_for("ride")
+            assert (method._adapters._base is not None) == fuse
+        finally:
+            method.close()
+        after = unet.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], before[k]) for k in before), fuse
+    assert np.abs(images[True] - images[False]).max() <= 2

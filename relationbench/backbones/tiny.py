@@ -23,7 +23,8 @@ def seeded(seed: int, offset: int, make: Callable[[], M]) -> M:
     unchanged; the caller's random stream is left as it was. Offsets in use: 1-4 SDXL's
     components (here), 11-12 the metric encoders (metrics/models.py), 21-22 MS-Diffusion's
     image encoder and adapter (methods/msdiffusion/), 31 the OWLv2 detector
-    (metrics/detector.py), 41 the VQAScore VLM (metrics/vqa.py).
+    (metrics/detector.py), 41 the VQAScore VLM (metrics/vqa.py), 51-52 the data engine's SAM
+    and ViTPose+ (data/annotators.py).
     """
     import torch
 

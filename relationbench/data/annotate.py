@@ -82,7 +82,7 @@ CAPTIONS = "captions.json"
 SAMPLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _RAW_FIELDS = {"id": (str,), "relation": (str,), "prompt": (str,), "entities": (list,), "predicate": (str,),
                "target": (str,), "references": (list,)}
-_RAW_HINT = "the RAW format is in the README (the data engine section) and relationbench/data/annotate.py"
+_RAW_HINT = "the RAW format is in the README (section 'Make training data for a new relation') and relationbench/data/annotate.py"
 
 
 @dataclass(frozen=True)

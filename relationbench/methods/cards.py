@@ -280,8 +280,10 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
         if hint is str:
             return text_problem(value, one_line=False) is None, str(value)
         value = _read_yaml(value)
-        if isinstance(value, str):
+        if isinstance(value, str) and not (hint is float and _EXPONENT_FLOAT.fullmatch(value)):
             return False, value
+    if hint is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as text
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
@@ -302,6 +304,9 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     if origin is dict or hint is dict:
         return isinstance(value, dict), value
     return True, value
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _read_yaml(text: str) -> Any:

@@ -163,16 +163,22 @@ class BankAdapters:
     recompiles) every LoRA is read into memory once and swapped into one adapter slot in place
     (load_lora_weights(..., hotswap=True)); call `prepare(names)` before compiling, so the slot
     is sized for the largest rank (pipe.enable_lora_hotswap).
+
+    With `fuse=True` the active LoRA is merged into the UNet's weights (pipe.fuse_lora): no
+    extra work per step. The merged layers' base weights are kept and put back bit for bit
+    when the LoRA is switched or closed (unfusing subtracts, which rounds: the shared pipeline
+    must sample as before afterwards).
     """
 
     SLOT = "bank"  # the hotswap adapter name
 
-    def __init__(self, pipe, bank: LoraBank, hotswap: bool = False):
-        self.pipe, self.bank, self.hotswap = pipe, bank, hotswap
+    def __init__(self, pipe, bank: LoraBank, hotswap: bool = False, fuse: bool = False):
+        self.pipe, self.bank, self.hotswap, self.fuse = pipe, bank, hotswap, fuse
         self.loaded: list[str] = []  # adapter names this object added (hotswap: [SLOT])
         self.active: str | None = None
         self._states: dict[str, dict] = {}  # hotswap: each LoRA's tensors, read once
         self._disabled = False
+        self._base: list[tuple[Any, Any]] | None = None  # fused: (base layer weight, its copy)
 
     def prepare(self, names: list[str]) -> None:
         """Load every LoRA a run needs before the first image (and before any compile)."""
@@ -192,6 +198,8 @@ class BankAdapters:
 
     def activate(self, name: str | None) -> None:
         """Make LoRA `name` the only active adapter; None: no LoRA (the base model)."""
+        if name != self.active:
+            self._unfuse()
         if name is None:
             if self.loaded and not self._disabled:
                 self.pipe.disable_lora()
@@ -213,6 +221,29 @@ class BankAdapters:
             self._load(name)
             self.pipe.set_adapters([name])
         self.active = name
+        if self.fuse:
+            self._fuse(name)
+
+    def _fuse(self, name: str) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m.get_base_layer() for m in self.pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+        self._base = [(layer.weight, layer.weight.detach().clone()) for layer in layers]
+        with _quiet_diffusers():
+            self.pipe.fuse_lora(components=["unet"], adapter_names=[self.SLOT if self.hotswap else name])
+
+    def _unfuse(self) -> None:
+        """Undo _fuse: unmerge (peft's bookkeeping), then the kept base weights, exactly."""
+        if self._base is None:
+            return
+        import torch
+
+        with _quiet_diffusers():
+            self.pipe.unfuse_lora(components=["unet"])
+        with torch.no_grad():
+            for weight, copy in self._base:
+                weight.copy_(copy)
+        self._base = None
 
     def _load(self, name: str) -> None:
         if name in self.loaded:
@@ -224,6 +255,7 @@ class BankAdapters:
 
     def close(self) -> None:
         """Remove every adapter this object added; with none left, the LoRA layers go too."""
+        self._unfuse()
         if self._disabled:
             self.pipe.enable_lora()
         if self.loaded:
@@ -235,16 +267,23 @@ class BankAdapters:
 
 
 class _quiet_diffusers:
-    """diffusers at error level: not "no text-encoder keys" for every UNet-only LoRA."""
+    """diffusers at error level: not "no text-encoder keys" for every UNet-only LoRA; and not
+    peft's warning that a second adapter joins the first, which is what a bank does."""
 
     def __enter__(self):
+        import warnings
+
         from diffusers.utils import logging
 
         self.level = logging.get_verbosity()
         logging.set_verbosity_error()
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
     def __exit__(self, *exc):
         from diffusers.utils import logging
 
+        self.warnings.__exit__(*exc)
         logging.set_verbosity(self.level)
         return False

@@ -173,6 +173,8 @@ class MSDiffusionMethod(PipelineMethod):
         from ...images import read_image
 
         todo = [p for p in dict.fromkeys(paths) if p not in self._embeds]
+        if todo:
+            self.pipe  # noqa: B018  (loads and checks the encoder before any image is read)
         for i in range(0, len(todo), 16):
             chunk = todo[i : i + 16]
             images = [read_image(p).resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.Resampling.BICUBIC)

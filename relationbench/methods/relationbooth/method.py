@@ -69,6 +69,7 @@ class RelationBoothSettings(MSDiffusionSettings, TrainerSettings):
     relation_data: bool = True
     bank: str | None = None  # the LoRA bank generation reads (and `relbench train` writes); None: the default
     allow_base_fallback: bool = False  # a relation without a LoRA samples the base model (manifest says so)
+    fuse_lora: bool = False  # merge the active LoRA into the UNet while its group samples (no per-step cost)
 
     def __post_init__(self):
         MSDiffusionSettings.__post_init__(self)

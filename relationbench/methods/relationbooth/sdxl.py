@@ -22,6 +22,7 @@ class RelationLoRASDXLSettings(SDXLSettings):
     trained_with: str = "relationbooth"  # the card (or card file) whose `relbench train` made the LoRAs
     bank: str | None = None  # the LoRA bank; None: the default ($RELBENCH_CACHE/relationbooth/loras)
     allow_base_fallback: bool = False  # a relation without a LoRA samples plain SDXL (manifest says so)
+    fuse_lora: bool = False  # merge the active LoRA into the UNet while its group samples (no per-step cost)
 
 
 class RelationLoRASDXLMethod(RelationLoRASampling, SDXLMethod):

@@ -71,7 +71,7 @@ class RelationLoRASampling:
     plain SDXL): the bank, one group per relation, each relation's LoRA switched in once per
     group with diffusers' adapter API, the manifest told which LoRA made each image.
 
-    The host's settings have `bank` and `allow_base_fallback`; it gives lora_digest() (the
+    The host's settings have `bank`, `allow_base_fallback` and `fuse_lora`; it gives lora_digest() (the
     settings digest its LoRAs are trained with) and may train what is lacking (train_lacking)."""
 
     def __init__(self, settings, context):
@@ -136,7 +136,7 @@ class RelationLoRASampling:
     def load(self) -> None:
         super().load()
         if self._adapters is None:
-            self._adapters = BankAdapters(self._pipe, self.bank)
+            self._adapters = BankAdapters(self._pipe, self.bank, fuse=self.settings.fuse_lora)
 
     def with_relation_lora(self, requests: Sequence, sample) -> list:
         """sample(requests) with the batch's relation LoRA active (one relation per batch);
