@@ -152,8 +152,8 @@ def train_lora(
                               cpu=device.type == "cpu")
     record = {"settings": asdict(s), "targets": {t.prefix: list(t.modules) for t in targets}, "info": dict(info or {})}
     record = json.loads(json.dumps(record))  # as read back from disk (tuples -> lists)
-    group = _Processes(accelerator, data_parallel)
-    checkpoints = _Checkpoints(checkpoint_folder(out_dir), record, group)
+    group = Processes(accelerator, data_parallel)
+    checkpoints = Checkpoints(checkpoint_folder(out_dir), record, group)
     generator = torch.Generator().manual_seed(rank_seed(s.seed, group.rank))
 
     with _lora_attached(targets, s) as params:
@@ -171,7 +171,7 @@ def train_lora(
                         loss = loss_fn(model, batch)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
-                            _average_gradients(group, list(params.values()))
+                            average_gradients(group, list(params.values()))
                             if s.max_grad_norm is not None:
                                 accelerator.clip_grad_norm_(list(params.values()), s.max_grad_norm)
                         optimizer.step()
@@ -197,7 +197,7 @@ def _optimizer(s: TrainerSettings, params: list[torch.nn.Parameter]) -> torch.op
 
 
 @dataclass
-class _Processes:
+class Processes:
     """The processes training one LoRA: every process of the launch (data-parallel), or this
     one alone; the collectives below are no-ops for one."""
 
@@ -230,7 +230,7 @@ class _Processes:
             self.accelerator.wait_for_everyone()
 
 
-def _average_gradients(group: _Processes, params: list[torch.nn.Parameter]) -> None:
+def average_gradients(group: Processes, params: list[torch.nn.Parameter]) -> None:
     """Average the LoRA gradients over processes, in one collective (the models are not
     wrapped in DDP: a caller's loss may call them any way it likes)."""
     if group.count == 1:
@@ -322,11 +322,11 @@ def _save_final(out_dir: Path, targets: Sequence[LoraTarget], s: TrainerSettings
     os.replace(tmp, out_dir)  # complete or absent: never a half-written LoRA
 
 
-class _Checkpoints:
+class Checkpoints:
     """step-N folders (LoRA weights by parameter name, optimizer, every process's generator and
     torch RNG state, step, loss log) in one folder beside the output; only the last one is kept."""
 
-    def __init__(self, root: Path, record: dict, group: _Processes):
+    def __init__(self, root: Path, record: dict, group: Processes):
         self.root, self.record, self.group = root, record, group
         self.acc = group.accelerator
 

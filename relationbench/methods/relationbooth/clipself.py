@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ...errors import UserError
 from ...images import read_image
 from ..lora.files import LOSS_LOG_NAME, write_loss_log
-from ..lora.trainer import _average_gradients, _Checkpoints, _Processes, rank_seed
+from ..lora.trainer import Checkpoints, Processes, average_gradients, rank_seed
 from .local_tokens import (LOCAL_RESOLUTION, WEIGHT_KEY, clip_pixels, dense_features, grid_boxes, hf_to_openclip,
                            pool_boxes, vision_body)
 
@@ -242,13 +242,13 @@ def distill(tower: torch.nn.Module, images: Sequence[Path], out_dir: Path, setti
     AcceleratorState._reset_state(reset_partial_state=False)
     mixed = s.mixed_precision or ("no" if device == "cpu" else "bf16")
     accelerator = Accelerator(mixed_precision=mixed, cpu=device == "cpu")
-    group = _Processes(accelerator, data_parallel=True)
+    group = Processes(accelerator, data_parallel=True)
     student = tower.to(accelerator.device, torch.float32).train()
     params = trainable_parameters(student, s.trainable_blocks)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     total = s.steps or math.ceil(s.epochs * len(images) / (s.batch_size * group.count))
     record = json.loads(json.dumps({"settings": asdict(s), "steps": total, "info": dict(info or {})}))
-    checkpoints = _Checkpoints(root, record, group)
+    checkpoints = Checkpoints(root, record, group)
     generator = torch.Generator().manual_seed(rank_seed(s.seed, group.rank))
     optimizer = accelerator.prepare_optimizer(
         torch.optim.AdamW(list(params.values()), lr=s.learning_rate, weight_decay=s.weight_decay))
@@ -266,7 +266,7 @@ def distill(tower: torch.nn.Module, images: Sequence[Path], out_dir: Path, setti
             with accelerator.autocast():
                 loss = distillation_loss(student, teacher, pixels, regions)
             accelerator.backward(loss)
-            _average_gradients(group, list(params.values()))
+            average_gradients(group, list(params.values()))
             optimizer.step()
             optimizer.zero_grad()
             mean = group.mean(loss.detach().float()).item()
