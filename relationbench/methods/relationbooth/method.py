@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -244,18 +245,25 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         from ...train import train_into_bank
 
         if not self.context.quiet:
-            print(f"relationbooth: training tiny RelationLoRAs on example triplets for {', '.join(relations)}")
+            print(f"relationbooth: training tiny RelationLoRAs on example triplets for {', '.join(relations)}",
+                  file=sys.stderr)
         root = cache_root() / "relationbooth" / "example-triplets"
         for relation in relations:
-            if not (root / relation / relation / "triplets.json").is_file():
-                write_example_triplets(root / relation, relations=[relation])
+            manifest = root / relation / relation / "triplets.json"
+            try:
+                if not manifest.is_file():
+                    write_example_triplets(root / relation, relations=[relation])
+            except (UserError, OSError):  # another process (a launch, a parallel run) wrote it first
+                if not manifest.is_file():
+                    raise
         triplets = {r: load_triplets(root / r) for r in relations}
         self.load()
+        shard = Shard()  # under `accelerate launch` the processes train each LoRA together
         for relation in relations:
             data = triplets[relation]
-            name = self.lora_name(relation, data.content_hash(relation))
-            train_into_bank(self, data, root / relation, {relation: name}, [relation], Shard(),
-                            self.context.card or "relationbooth", quiet=self.context.quiet)
+            name = self.lora_name(relation, data.content_hash(relation), shard.world)
+            train_into_bank(self, data, root / relation, {relation: name}, [relation], shard,
+                            self.context.card or "relationbooth", quiet=self.context.quiet or not shard.main)
 
     def load(self) -> None:
         super().load()
