@@ -177,7 +177,7 @@ _data_dir = click.option("--data-dir", default=None, help="Subject image root (d
 
 @cli.group(cls=_Group)
 def data():
-    """Subject images (fetch, import, verify) and relation triplets (check, example-triplets, import-triplets,
+    """Subject images (fetch, import, verify, example-subjects) and relation triplets (check, example-triplets, import-triplets,
     synthesize, annotate, show)."""
 
 

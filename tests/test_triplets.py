@@ -419,3 +419,23 @@ def test_cli_check_and_example(tmp_path):
     assert lines[1].startswith(f"{out / 'wave' / MANIFEST}: sample 0: predicate 'jumping' is not in the prompt")
     assert "2 problem(s) in the relation triplets" in res.output
     assert run("data", "check", out, "--relation", "nope").exit_code == 2
+
+
+def test_example_triplets_of_any_relation(tmp_path):
+    """Any relation folder name gets a set (what relationbooth's tiny bank trains on): the
+    format's check passes, the name's words are the predicate, each name draws its own pose,
+    the same name the same files, and a known name RELATIONS' own set."""
+    from relationbench.data.example_triplets import example_relation
+
+    found = write_example_triplets(tmp_path / "a", relations=["lean_on", "high-five", "hug"])
+    assert sorted(found.relations) == ["high-five", "hug", "lean_on"]
+    for s in found.relations["lean_on"]:
+        assert s.predicate == "lean on" and "lean on" in s.prompt and s.entities == ("bear", "tiger")
+        for o in s.objects:  # every keypoint inside its own object's mask
+            mask = np.asarray(Image.open(o.mask)) > 0
+            assert all(mask[int(y * SIZE), int(x * SIZE)] for x, y in o.keypoints.xy)
+    assert example_relation("hug") is RELATIONS["hug"]
+    assert example_relation("lean_on").figures[0].pose != example_relation("high-five").figures[0].pose
+    again = write_example_triplets(tmp_path / "b", relations=["lean_on"])
+    first, second = found.relations["lean_on"][2], again.relations["lean_on"][2]
+    assert first.target.read_bytes() == second.target.read_bytes()
