@@ -107,16 +107,17 @@ def train(opts: TrainOptions) -> TrainSummary:
     with contextlib.closing(method):
         if todo:
             method.load()
-        results = train_into_bank(method, triplets, opts.data, names, todo, shard, card.name,
+        results = train_into_bank(method, triplets, opts.data, names, todo, shard, card.name, hashes=hashes,
                                   quiet=opts.quiet or not shard.main)
     return TrainSummary(bank.root, results, main=shard.main)
 
 
 def train_into_bank(method, triplets, data: str | Path, names: dict[str, str], todo: Sequence[str], shard,
-                    card: str, *, quiet: bool = False) -> list[RelationResult]:
-    """Train each relation of `todo` (its samples in `triplets`, read from `data`) as
-    names[relation] into the method's bank, loaded; the others are reported as already there.
-    Shared by `relbench train` and the tiny bank relationbooth trains for itself."""
+                    card: str, *, hashes: dict[str, str], quiet: bool = False) -> list[RelationResult]:
+    """Train each relation of `todo` (its samples in `triplets`, read from `data`, their
+    content hash hashes[relation], which names[relation] was made from) as names[relation]
+    into the method's bank, loaded; the others are reported as already there. Shared by
+    `relbench train` and the tiny bank relationbooth trains for itself."""
     from tqdm.auto import tqdm
 
     bank, results = method.bank, []
@@ -130,7 +131,7 @@ def train_into_bank(method, triplets, data: str | Path, names: dict[str, str], t
             if relation in todo and (shard.world > 1 or name not in bank):
                 info = {"relation": relation, "samples": [s.id for s in samples],
                         "entities": sorted({", ".join(s.entities) for s in samples}),
-                        "data_sha256": triplets.content_hash(relation), "method": card,
+                        "data_sha256": hashes[relation], "method": card,
                         "settings_digest": method.settings_digest()}
                 folder = bank.folder(name)
                 if not folder.is_dir():  # else trained, but the index update was cut short

@@ -166,11 +166,19 @@ def test_n_local_tokens_reach_the_resampler(env, count, monkeypatch):
         method.reference_tokens([method.reference(case.subjects[1])], [case.subjects[1].class_noun],
                                 torch.tensor([[0.1, 0.1, 0.9, 0.9]]))  # training's path
         assert len(seen) >= 2 and set(seen) == {257 + count}
-        if count:
+        if count:  # MS-Diffusion's 257 tokens, then the stock tower's pooled dense features at 224 px (tiny)
+            from relationbench.methods.msdiffusion import MSDiffusionMethod
+            from relationbench.methods.relationbooth.local_tokens import clip_pixels, dense_features, pool_grid
+
             ref = Image.open(method.reference(case.subjects[0])).convert("RGB").resize((512, 512), Image.BICUBIC)
             tokens = method.image_tokens([ref])
-            local = method._local.tokens([ref], count)
-            assert torch.equal(tokens[0, 257:], local[0].to(tokens.dtype))
+            with torch.no_grad():
+                local = pool_grid(dense_features(method._encoder, clip_pixels([ref], 224)), count)
+            assert torch.equal(tokens[:, :257], MSDiffusionMethod.image_tokens(method, [ref]))
+            torch.testing.assert_close(tokens[0, 257:], local[0].to(tokens.dtype), rtol=1e-5, atol=1e-6)
+            method.close()
+            method.load()  # reloaded: the stock local tokens come from the new image encoder, not the closed one
+            assert method._local.tower is method._encoder
     finally:
         method.close()
 
@@ -216,6 +224,31 @@ def test_clipself_without_a_checkpoint_is_refused(env):
 
 def test_relation_key():
     assert relation_key("shake hands with") == "shake_hands_with" and relation_key("hug") == "hug"
+
+
+def test_which_lora_a_relation_samples_with(tmp_path):
+    """The newest LoRA of the relation on this backbone trained with these settings (their
+    digest); else the newest imported one (no digest); never one of other settings or of
+    another backbone."""
+    from relationbench.methods.relationbooth.selection import RelationLoRAs
+
+    def entry(name, relation, day, digest=None, backbone="tiny"):
+        info = {"relation": relation, **({"settings_digest": digest} if digest else {})}
+        return name, {"name": name, "file": f"{name}/w", "settings": {}, "base": {"name": backbone},
+                      "created": f"2024-01-0{day}T00:00:00+00:00", "info": info}
+
+    loras = dict([entry("ride-old", "ride", 1, "ours"), entry("ride-new", "ride", 2, "ours"),
+                  entry("ride-other", "ride", 3, "theirs"), entry("ride-sdxl", "ride", 4, "ours", "sdxl"),
+                  entry("ride-imported", "ride", 5),
+                  entry("hug-imported-old", "hug", 1), entry("hug-imported", "hug", 2),
+                  entry("hug-other", "hug", 3, "theirs"), entry("hug-sdxl", "hug", 4, backbone="sdxl"),
+                  entry("wave-other", "wave", 1, "theirs")])
+    (tmp_path / "index.json").write_text(json.dumps({"version": 1, "loras": loras}))
+    select = RelationLoRAs(LoraBank(tmp_path), "tiny", "ours", default_bank=False)
+    assert [select.find(r) for r in ("ride", "hug", "wave", "sit")] == ["ride-new", "hug-imported", None, None]
+    with pytest.raises(UserError, match="2 relation.*wave, sit; it holds LoRAs trained with other settings for wave"):
+        select.resolve(["ride", "wave", "sit"])
+    assert select.resolve(["ride", "wave"], fallback=True) == {"ride": "ride-new", "wave": None}
 
 
 # -- RelationLoRA on plain SDXL ----------------------------------------------------------------------

@@ -132,6 +132,33 @@ def test_fixed_inputs_are_encoded_once(method, triplets, monkeypatch):
     assert torch.equal(inputs[2].ref_latents, inputs[0].ref_latents) and torch.equal(inputs[2].tokens, inputs[0].tokens)
 
 
+@pytest.mark.parametrize("change, vae, clip", [(dict(kml_weight=0.0), 2, 1),  # targets only; the references
+                                               (dict(relation_data=False), 2, 1)])  # the blank prompt only
+def test_what_the_settings_do_not_train_with_is_not_encoded(method, triplets, monkeypatch, change, vae, clip):
+    """Without the KML no reference goes through the VAE; without relation-aware data no
+    reference goes through the image encoder (the blank prompt does, once)."""
+    other = RelationBoothMethod(dataclasses.replace(method.settings, **change), method.context)
+    other.load()  # the backbone's cached pipeline: processors put back by close()
+    calls = {"vae": 0, "clip": 0}
+    try:
+        vae_encode = other.pipe.vae.encode
+
+        def count_vae(x):
+            calls["vae"] += 1
+            return vae_encode(x)
+
+        monkeypatch.setattr(other.pipe.vae, "encode", count_vae)
+        handle = other._encoder.register_forward_hook(lambda *_: calls.__setitem__("clip", calls["clip"] + 1))
+        try:
+            inputs = encode_samples(other, triplets.relations["hug"][:2], RES, progress=False)
+        finally:
+            handle.remove()
+    finally:
+        other.close()
+    assert calls == {"vae": vae, "clip": clip}
+    assert all(r.ref_latents is None for r in inputs) and inputs[0].tokens.shape[0] == 2
+
+
 def _batch(inputs, seed=3):
     gen = torch.Generator().manual_seed(seed)
     batch = RelationBatches(inputs, 4, 0.13025, 1000, torch.float32)(gen)
@@ -315,6 +342,28 @@ def test_training_with_the_predicate_loss_under_gradient_checkpointing(method, t
     a, b = load_file(runs[False] / WEIGHT_NAME), load_file(runs[True] / WEIGHT_NAME)
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
     assert not any(m._forward_hooks for m in method.pipe.unet.modules())
+
+
+def test_training_without_the_kml_needs_no_reference_latents(method, triplets, tmp_path):
+    """kml_weight 0 and the no-relation-data ablation train end to end with ref_latents None
+    (no reference latents encoded): a LoRA and a two-step loss log each; the blank image
+    prompts change the conditioning, so their losses differ from kml_weight 0's."""
+    from relationbench.methods.lora.files import WEIGHT_NAME, read_loss_log
+
+    losses = {}
+    for name, change in (("no-kml", {"kml_weight": 0.0}), ("no-data", {"relation_data": False})):
+        settings = dataclasses.replace(method.settings, train_steps=2, batch_size=2, **change)
+        other = RelationBoothMethod(settings, method.context)
+        other.load()
+        try:
+            folder = other.train_relation(triplets.relations["hug"], tmp_path / name, info={})
+        finally:
+            other.close()
+        assert (folder / WEIGHT_NAME).is_file()
+        losses[name] = [r["loss"] for r in read_loss_log(folder)]
+        assert len(losses[name]) == 2
+    # blank image prompts change the conditioning, so the losses differ from no-kml's
+    assert losses["no-kml"] != losses["no-data"]
 
 
 def test_refuses_what_it_cannot_train(method, triplets, tmp_path):

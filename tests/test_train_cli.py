@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from relationbench.backbones import get_backbone
 from relationbench.cli import cli
+from relationbench.data.triplets import load_triplets
 from relationbench.methods.lora.bank import LoraBank
 from relationbench.methods.lora.files import LOSS_LOG_NAME, SETTINGS_NAME, WEIGHT_NAME, read_loss_log
 from relationbench.methods.relationbooth import training
@@ -68,7 +69,7 @@ def trained(data, tmp_path_factory):
     return LoraBank(bank), out, calls
 
 
-def test_trains_a_lora_per_relation_whose_loss_goes_down(trained):
+def test_trains_a_lora_per_relation_whose_loss_goes_down(trained, data):
     bank, out, calls = trained
     # the model loads once for the run; each relation's samples are encoded once
     assert calls == {"load": 1, "encode": [["hug"], ["wave"]]}
@@ -84,7 +85,8 @@ def test_trains_a_lora_per_relation_whose_loss_goes_down(trained):
         assert record["settings"]["train_steps"] == 30 and record["settings"]["learning_rate"] == 1e-2  # tiny schedule
         assert record["info"]["relation"] == relation and record["info"]["samples"] == ["0", "1", "2", "3", "4"]
         assert record["info"]["batch_size"] == 4 and record["info"]["kml"]["weight"] == 1e-3
-        assert entry.base["name"] == "tiny" and entry.info["data_sha256"] == record["info"]["data_sha256"]
+        assert entry.base["name"] == "tiny" and entry.info["data_sha256"] == record["info"]["data_sha256"] == \
+            load_triplets(data).content_hash(relation)
         losses = [r["loss"] for r in read_loss_log(folder)]
         assert len(losses) == 30 and sum(losses[:10]) / 10 > sum(losses[-10:]) / 10 + 0.02, losses
         # only the text path of every cross-attention layer: attn2 to_q / to_k / to_v / to_out.0

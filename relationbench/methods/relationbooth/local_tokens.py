@@ -5,8 +5,9 @@ tower, pooled over an evenly split grid, appended after MS-Diffusion's 257 image
                      dropped, post-layernorm, L2-normalized, no projection -> [B, h, w, D]
     pool_grid        an s x s grid of boxes (s = sqrt(count)), roi_align 1x1 -> [B, count, D]
     LocalEncoder     a tower (the stock one, or a CLIPSelf-distilled one) + preprocessing
-    load_local_encoder   which tower: the backbone's `local_encoder` weight when given, else
-                     the stock tower (the training-free variant); never a silent switch
+    local_encoder_identity / local_encoder_from / load_local_encoder   which tower: the
+                     backbone's `local_encoder` weight when given, else the stock tower (the
+                     training-free variant); never a silent switch
     openclip_to_hf / hf_to_openclip   the visual tower's weights between open_clip's layout
                      (CLIPSelf's checkpoints) and transformers' CLIPVisionModelWithProjection
 
@@ -151,23 +152,39 @@ class LocalEncoder:
         return pool_grid(dense_features(self.tower, pixels), count).float()
 
 
-def load_local_encoder(backbone: "Backbone", stock_tower: torch.nn.Module, *,
-                       resolution: int = LOCAL_RESOLUTION) -> LocalEncoder:
-    """The local encoder a run uses: the CLIPSelf checkpoint of the backbone's `local_encoder`
-    weight (a file, or a folder holding one) loaded into a copy of `stock_tower`'s
-    architecture, on its device and dtype; without that weight, `stock_tower` itself.
+def local_encoder_identity(backbone: "Backbone", *, resolution: int = LOCAL_RESOLUTION) -> dict[str, Any]:
+    """Which local encoder the backbone's weights name, known before loading anything:
+    {"kind": "clipself", "source", "sha256", "resolution"} for the CLIPSelf checkpoint of its
+    `local_encoder` weight (a file, or a folder holding one: checkpoint_file), else
+    {"kind": "stock", "resolution"}. The checkpoint is hashed here, once per call."""
+    if WEIGHT_KEY not in backbone.weights:
+        return {"kind": "stock", "resolution": resolution}
+    from ...data import sha256_file
+
+    path = checkpoint_file(backbone.fetch(WEIGHT_KEY))
+    return {"kind": "clipself", "source": str(path), "sha256": sha256_file(path), "resolution": resolution}
+
+
+def local_encoder_from(identity: Mapping[str, Any], stock_tower: torch.nn.Module) -> LocalEncoder:
+    """The LocalEncoder an identity (local_encoder_identity) names: `stock_tower` itself, or
+    its checkpoint loaded into a copy of `stock_tower`'s architecture, on its device and dtype.
 
     Raises UserError naming the file for one that cannot be read, is not an open_clip visual
     state dict, or does not fit the stock tower's architecture.
     """
-    if WEIGHT_KEY not in backbone.weights:
-        return LocalEncoder(stock_tower, kind="stock", resolution=resolution)
-    from ...data import sha256_file
-
-    path = checkpoint_file(backbone.fetch(WEIGHT_KEY))
+    if identity["kind"] == "stock":
+        return LocalEncoder(stock_tower, kind="stock", resolution=identity["resolution"])
     weight = next(stock_tower.parameters())
-    tower = tower_from_checkpoint(path, stock_tower.config).to(weight.device, weight.dtype).eval()
-    return LocalEncoder(tower, kind="clipself", resolution=resolution, source=str(path), sha256=sha256_file(path))
+    tower = tower_from_checkpoint(Path(identity["source"]), stock_tower.config).to(weight.device, weight.dtype).eval()
+    return LocalEncoder(tower, kind="clipself", resolution=identity["resolution"], source=identity["source"],
+                        sha256=identity["sha256"])
+
+
+def load_local_encoder(backbone: "Backbone", stock_tower: torch.nn.Module, *,
+                       resolution: int = LOCAL_RESOLUTION) -> LocalEncoder:
+    """The local encoder of the backbone's weights: the CLIPSelf checkpoint of its
+    `local_encoder` weight, else `stock_tower` itself (local_encoder_from)."""
+    return local_encoder_from(local_encoder_identity(backbone, resolution=resolution), stock_tower)
 
 
 def checkpoint_file(path: Path) -> Path:

@@ -28,9 +28,9 @@ from ..base import Context, Request, Sample
 from ..lora.trainer import NOT_LEARNED, TrainerSettings
 from ..msdiffusion import MSDiffusionMethod, MSDiffusionSettings
 from ..msdiffusion.method import REFERENCE_SIZE
-from ...data import sha256_file
 from .kml import KMLSettings
-from .local_tokens import LOCAL_TOKEN_COUNTS, WEIGHT_KEY, LocalEncoder, checkpoint_file, tower_from_checkpoint
+from .local_tokens import (LOCAL_RESOLUTION, LOCAL_TOKEN_COUNTS, WEIGHT_KEY, LocalEncoder, local_encoder_from,
+                           local_encoder_identity)
 from .selection import RelationLoRASampling, relation_key  # noqa: F401  (relation_key: public here too)
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class RelationBoothSettings(MSDiffusionSettings, TrainerSettings):
     predicate_loss_weight: float = 0.0
     # local token injection (paper 3.4.3, Tables 5 and 7): in training and sampling
     local_tokens: int = 16  # pooled dense tokens per reference after its 257; 0: none (1, 4, 16, 64)
-    local_resolution: int = 896  # side the local encoder sees (authors' code: 64 x 64 tokens on bigG/14)
+    local_resolution: int = LOCAL_RESOLUTION  # side the local encoder sees (authors' code: 64 x 64 tokens on bigG/14)
     local_encoder: str = "auto"  # auto: the CLIPSelf checkpoint if given (--weight local_encoder), else stock
     # ablation (paper Table 4): False trains on (x, c_t) with blank image prompts (and so no KML)
     relation_data: bool = True
@@ -127,10 +127,9 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
             raise UserError("local_encoder is 'clipself' but no CLIPSelf checkpoint was given",
                             hint=f"--weight {WEIGHT_KEY}=PATH (an open_clip checkpoint, e.g. from "
                                  "`relbench train-local-encoder`), or --set local_encoder=stock")
-        if s.local_encoder == "stock" or not given:
+        if s.local_encoder == "stock":
             return {"kind": "stock", "resolution": s.local_resolution}
-        path = checkpoint_file(self.context.backbone.fetch(WEIGHT_KEY))
-        return {"kind": "clipself", "source": str(path), "sha256": sha256_file(path), "resolution": s.local_resolution}
+        return local_encoder_identity(self.context.backbone, resolution=s.local_resolution)
 
     def _load_local_encoder(self) -> None:
         """The local encoder local_identity names: the stock tower itself, or the checkpoint
@@ -138,12 +137,7 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         identity = self.local_identity
         if identity is None or self._local is not None:
             return
-        tower = self._encoder
-        if identity["kind"] == "clipself":
-            weight = next(tower.parameters())
-            tower = tower_from_checkpoint(Path(identity["source"]), tower.config).to(weight.device, weight.dtype).eval()
-        self._local = LocalEncoder(tower, kind=identity["kind"], resolution=identity["resolution"],
-                                   source=identity.get("source"), sha256=identity.get("sha256"))
+        self._local = local_encoder_from(identity, self._encoder)
 
     @torch.inference_mode()
     def image_tokens(self, images: Sequence) -> torch.Tensor:
@@ -261,13 +255,21 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         shard = Shard()  # under `accelerate launch` the processes train each LoRA together
         for relation in relations:
             data = triplets[relation]
-            name = self.lora_name(relation, data.content_hash(relation), shard.world)
+            digest = data.content_hash(relation)
+            name = self.lora_name(relation, digest, shard.world)
             train_into_bank(self, data, root / relation, {relation: name}, [relation], shard,
-                            self.context.card or "relationbooth", quiet=self.context.quiet or not shard.main)
+                            self.context.card or "relationbooth", hashes={relation: digest},
+                            quiet=self.context.quiet or not shard.main)
 
     def load(self) -> None:
         super().load()
         self._load_local_encoder()
+
+    def close(self) -> None:
+        """The hosts' undoing (LoRAs, processors, encoders), then the local encoder: a stock one
+        is the image encoder close() let go of, a CLIPSelf one a tower of its own."""
+        super().close()
+        self._local = None
 
     def generate(self, requests: Sequence[Request]) -> list[Sample]:
         """MS-Diffusion's images with the batch's relation LoRA active (one relation per batch)."""

@@ -61,7 +61,7 @@ class Encoded:
     c_t; tokens [O, 16, D]: MS-Diffusion's subject tokens of the references; boxes [O, 4]
     normalized xyxy in x; scales [O] (gamma); target_xy, ref_xy [O, K, 2]; score [O, K]: the
     lower of a keypoint's two scores (1 where unscored); ref_latents [O, C, h, w]:
-    VAE(c_i) * scaling factor; predicate [77] (the predicate's prompt tokens) and region [cells
+    VAE(c_i) * scaling factor, only for the KML (None when it is off); predicate [77] (the predicate's prompt tokens) and region [cells
     at PREDICATE_LEVEL] (share of each cell inside the objects) only for the predicate loss.
     """
 
@@ -76,7 +76,7 @@ class Encoded:
     target_xy: torch.Tensor
     ref_xy: torch.Tensor
     score: torch.Tensor
-    ref_latents: torch.Tensor
+    ref_latents: torch.Tensor | None = None
     predicate: torch.Tensor | None = None
     region: torch.Tensor | None = None
 
@@ -115,18 +115,21 @@ def object_region(objects: Sequence["ObjectAnnotation"], size: tuple[int, int], 
 def encode_samples(method: "RelationBoothMethod", samples: Sequence["TripletSample"], resolution: int, *,
                    predicate: bool = False, progress: bool = True) -> list[Encoded]:
     """Every fixed input of the samples (see Encoded), computed once (references shared by
-    samples are encoded once); `predicate`: also what the predicate attention loss needs."""
+    samples are encoded once); `predicate`: also what the predicate attention loss needs.
+    The references' VAE latents only when the method's settings train with the KML, their
+    image tokens only with relation-aware data (else blank image prompts stand in)."""
     from tqdm.auto import tqdm
 
     pipe, device = method.pipe, method.context.device
     vae = pipe.vae
     latent_hw = (resolution // pipe.vae_scale_factor,) * 2
-    references = ReferenceLatentCache(vae, resolution)
+    references = ReferenceLatentCache(vae, resolution) if method.settings.kml().enabled else None
     prompts = list(dict.fromkeys(s.prompt for s in samples))
     embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                               do_classifier_free_guidance=False)
     text = {p: (embeds[i], pooled[i]) for i, p in enumerate(prompts)}
-    method.encode_references([str(r.image) for s in samples for r in s.references])
+    if method.settings.relation_data:
+        method.encode_references([str(r.image) for s in samples for r in s.references])
     out = []
     relation = samples[0].relation if samples else ""
     for s in tqdm(samples, desc=f"inputs {relation}", unit="sample", disable=not progress, leave=False):
@@ -149,7 +152,8 @@ def encode_samples(method: "RelationBoothMethod", samples: Sequence["TripletSamp
             boxes=boxes, scales=method.image_scales(len(s.objects)).to(device),
             target_xy=torch.stack([t[0] for t, _ in pairs]), ref_xy=torch.stack([r[0] for _, r in pairs]),
             score=torch.stack([torch.minimum(t[1], r[1]) for t, r in pairs]),
-            ref_latents=torch.stack([references.get(r.image) for r in s.references]).to(device),
+            ref_latents=(torch.stack([references.get(r.image) for r in s.references]).to(device)
+                         if references is not None else None),
             **extra))
     return out
 
