@@ -295,6 +295,12 @@ def _annotator_options(f):
     return f
 
 
+def _annotator_given(threshold, mask_annotator, keypoint_annotator) -> dict:
+    """The annotation settings given on the command line (AnnotateSettings' fields; the rest keep their defaults)."""
+    given = dict(threshold=threshold, mask_annotator=mask_annotator, keypoint_annotator=keypoint_annotator)
+    return {k: v for k, v in given.items() if v is not None}
+
+
 @data.command("annotate")
 @click.argument("raw", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
@@ -308,9 +314,9 @@ def data_annotate(raw, out, backbone, weights, threshold, caption, mask_annotato
     do not match their entities are set aside in OUT/annotate-report.md."""
     from .data.annotate import annotate
 
-    given = dict(threshold=threshold, mask_annotator=mask_annotator, keypoint_annotator=keypoint_annotator)
     report = annotate(raw, out, backbone=backbone, weights=_parse_pairs(weights, "--weight"), device=device,
-                      progress=not quiet, caption=caption, **{k: v for k, v in given.items() if v is not None})
+                      progress=not quiet, caption=caption,
+                      **_annotator_given(threshold, mask_annotator, keypoint_annotator))
     click.echo("\n".join(report.summary()))
     if not report.kept:
         raise UserError(f"no sample was kept ({len(report.set_aside)} set aside, reasons above)",
@@ -344,11 +350,11 @@ def data_synthesize(out, relation, entities, predicate, samples, seed, generator
     from .data.annotators import AnnotateSettings
     from .data.synthesize import SynthesizeOptions, SynthesizeSettings, synthesize
 
-    given = dict(threshold=threshold, mask_annotator=mask_annotator, keypoint_annotator=keypoint_annotator)
     summary = synthesize(SynthesizeOptions(
         out=out, relation=relation, entities=entities, predicate=predicate,
         settings=SynthesizeSettings(samples=samples, seed=seed, generator=generator, size=size), annotate=annotate,
-        annotate_settings=AnnotateSettings(caption=caption, **{k: v for k, v in given.items() if v is not None}),
+        annotate_settings=AnnotateSettings(caption=caption,
+                                           **_annotator_given(threshold, mask_annotator, keypoint_annotator)),
         backbone=backbone, weights=_parse_pairs(weights, "--weight"), device=device, dtype=dtype, quiet=quiet,
     ))
     click.echo(f"{summary.samples} raw sample(s) written to {summary.out} (raw.json, synthesis.json)")

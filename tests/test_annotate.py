@@ -241,10 +241,61 @@ def test_known_annotations_are_written_exactly(raw, tmp_path):
 
 
 def test_rule_settings_change_the_verdicts(raw, tmp_path):
-    # extra_ratio 0.95: the 0.8 bear is no extra (0.8 < 0.95 x 0.9); same_object_iou None: one box for both is kept
+    # extra_ratio 0.95: the 0.8 bear is no extra (0.8 < 0.95 x 0.9); same_object_iou 1.1 (> 1: off): one box
+    # for both is kept; threshold 0.1: the 0.2 tiger is found
     report = annotate_raw(raw, tmp_path / "out", annotators=known_annotators(), progress=False,
-                          settings=AnnotateSettings(extra_ratio=0.95, same_object_iou=None, threshold=0.1))
+                          settings=AnnotateSettings(extra_ratio=0.95, same_object_iou=1.1, threshold=0.1))
     assert [(s.id, s.kind) for s in report.set_aside] == [("no-refs", "no-references"), ("ref-missing", "missing")]
+
+
+def test_random_weight_masks_turn_the_comparing_rules_off(raw, tmp_path):
+    class RandomMasks(KnownMasks):
+        random_weights = True
+
+    out = tmp_path / "out"
+    report = annotate_raw(raw, out, annotators=Annotators(RandomMasks(), KnownKeypoints()),
+                          settings=AnnotateSettings(), progress=False)
+    # extra and one-object are kept; the threshold and the missing references still set samples aside
+    assert [(s.id, s.kind) for s in report.set_aside] == [("missing", "missing"), ("no-refs", "no-references"),
+                                                          ("ref-missing", "missing")]
+    assert [k["id"] for k in report.kept] == ["good", "two-bears", "extra", "one-object", "wave-0"]
+    assert [o["score"] for o in report.kept[2]["objects"]] == [0.9, 0.9]  # the best bear, not the 0.8 one
+    assert json.loads((out / "annotate-report.json").read_text())["random_weights"] is True
+    assert report.summary()[-1].startswith("random-weight annotators (tiny backbone)")
+
+
+class SchemaFlip(KnownKeypoints):
+    """The known points, in the people's schema after the first call (a sample's target)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def keypoints(self, image, boxes, labels):
+        self.calls += 1
+        found = super().keypoints(image, boxes, labels)
+        return found if self.calls == 1 else [Keypoints(k.xy, k.score, "coco-17") for k in found]
+
+
+def test_empty_masks_and_schema_mismatches_are_set_aside(tmp_path):
+    def one(name: str, i: int, target: list) -> Path:
+        raw = tmp_path / name
+        record = _sample(raw, i, name, "hug", "A bear is hugging a tiger.", ["bear", "tiger"], "hugging", target,
+                         [bear_ref(), tiger_ref()])
+        (raw / "raw.json").write_text(json.dumps({"version": 1, "samples": [record]}))
+        return raw
+
+    empty = one("empty", 20, [("bear", 0.9, (10, 10, 10, 30)), ("tiger", 0.9, TIGER)])  # a zero-width bear
+    report = annotate_raw(empty, tmp_path / "out-empty", annotators=known_annotators(), settings=AnnotateSettings(),
+                          progress=False)
+    assert report.kept == [] and report.set_aside == [
+        SetAside("empty", "hug", "empty-mask", "target: the mask of 'bear' is empty")]
+
+    flip = one("flip", 21, [("bear", 0.9, BEAR), ("tiger", 0.9, TIGER)])
+    report = annotate_raw(flip, tmp_path / "out-flip", annotators=Annotators(KnownMasks(), SchemaFlip()),
+                          settings=AnnotateSettings(), progress=False)
+    assert report.kept == [] and report.set_aside == [
+        SetAside("flip", "hug", "schema-mismatch", "'bear' got keypoint schema ap10k-17 in the target but coco-17 "
+                                                   "in reference 0")]
 
 
 def test_captions_are_written_per_relation(raw, tmp_path):

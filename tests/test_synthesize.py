@@ -16,7 +16,7 @@ from PIL import Image
 
 from relationbench.backbones import get_backbone
 from relationbench.cli import cli
-from relationbench.data.annotators import Detection
+from relationbench.data.annotators import AnnotateSettings, Detection
 from relationbench.data.synthesize import (SynthesizeSettings, MSDiffusionReferences, SDXLGenerator, ing_form,
                                            relation_predicate, relation_prompts, relation_spec, square_crop,
                                            synthesize_raw)
@@ -146,7 +146,7 @@ def synthesized(tmp_path_factory):
             mp.setattr(MSDiffusionMethod, "generate", spy)
             result = synthesize_raw(root, relation_spec("hug", "bear,tiger"), settings,
                                     generator=SDXLGenerator(context), references=references,
-                                    masks=FixedMasks(without_tiger={1}), threshold=0.3, size=(128, 128),
+                                    masks=FixedMasks(without_tiger={1}), rules=AnnotateSettings(), size=(128, 128),
                                     record={"note": "test"}, progress=False)
     finally:
         references.close()
@@ -167,7 +167,7 @@ def test_every_file_and_raw_json(synthesized):
          "target": f"{i}/target.png", "references": [f"{i}/reference0.png", f"{i}/reference1.png"]}
         for i, prompt in (("0", "A photo of a bear hugging a tiger in a forest."),
                           ("2", "A photo of a bear hugging a tiger in the snow."))]}
-    assert result.set_aside == [("1", "'tiger' was not detected in the target")]
+    assert result.set_aside == [("1", "target: 'tiger' found 0 time(s) scoring at least 0.3, named 1 time(s)")]
     for path in files:
         if path.endswith(".png"):
             assert Image.open(root / path).mode == "RGB"
@@ -183,9 +183,10 @@ def test_synthesis_json_records_how(synthesized):
     assert info["generator"]["card"]["settings"]["steps"] == 30
     assert info["references"]["card"]["name"] == "msdiffusion" and info["references"]["box"] == [0.15, 0.1, 0.85, 0.9]
     assert [(s["id"], s["seed"]) for s in info["samples"]] == [("0", 5), ("1", 6), ("2", 7)]
-    assert info["samples"][1]["set_aside"] == "'tiger' was not detected in the target"
+    assert info["samples"][1]["set_aside"] == "target: 'tiger' found 0 time(s) scoring at least 0.3, named 1 time(s)"
     assert "crops" not in info["samples"][1]
-    assert info["set_aside"] == [{"id": "1", "reason": "'tiger' was not detected in the target"}]
+    assert info["set_aside"] == [
+        {"id": "1", "reason": "target: 'tiger' found 0 time(s) scoring at least 0.3, named 1 time(s)"}]
     for sample in (info["samples"][0], info["samples"][2]):
         assert [(c["entity"], tuple(c["pixels"]), c["box"], c["score"]) for c in sample["crops"]] == [
             ("bear", CROPS["bear"], list(BOXES["bear"]), 0.9), ("tiger", CROPS["tiger"], list(BOXES["tiger"]), 0.9)]
@@ -273,7 +274,11 @@ class FixedKeypoints:
                           schema="ap10k-17") for b in boxes]
 
 
+KEYPOINT_LOADS: list[str] = []  # the backbone of each fixed_keypoints call
+
+
 def fixed_keypoints(backbone, settings, device):
+    KEYPOINT_LOADS.append(backbone.name)
     return FixedKeypoints()
 
 
@@ -294,11 +299,13 @@ def fixed_annotators(monkeypatch):
 
 def test_synthesize_annotate_check_train(tmp_path, fixed_annotators):
     out, bank = tmp_path / "hug-data", tmp_path / "bank"
+    KEYPOINT_LOADS.clear()
     said = relbench("data", "synthesize", out, "--relation", "hug", "--entities", "bear,tiger", "--samples", 2,
                     "--backbone", "tiny", "--no-annotate", "--quiet", *fixed_annotators).output
     assert "2 raw sample(s) written" in said and f"relbench data annotate {out}" in said
-    assert not (out / "triplets").exists()
+    assert not (out / "triplets").exists() and KEYPOINT_LOADS == []  # --no-annotate: the masks alone
     relbench("data", "annotate", out, out / "triplets", "--backbone", "tiny", "--quiet", *fixed_annotators)
+    assert KEYPOINT_LOADS == ["tiny"]
     assert "hug: 2 samples, 4 objects, keypoints ap10k-17" in relbench("data", "check", out / "triplets").output
     # the known annotations came through: each target mask is its entity's fixed box
     manifest = json.loads((out / "triplets" / "hug" / "triplets.json").read_text())
@@ -317,9 +324,11 @@ def test_synthesize_annotate_check_train(tmp_path, fixed_annotators):
 
 def test_synthesize_annotates_by_default(tmp_path, fixed_annotators):
     out = tmp_path / "hug-data"
+    KEYPOINT_LOADS.clear()
     said = relbench("data", "synthesize", out, "--relation", "hug", "--entities", "bear,tiger", "--samples", 1,
                     "--seed", 3, "--backbone", "tiny", "--quiet", *fixed_annotators).output
     assert "hug: 1 kept, 0 set aside" in said and "relbench data show" in said
+    assert KEYPOINT_LOADS == ["tiny"]  # loaded once, for synthesize and its annotation
     assert sorted(p.name for p in out.iterdir()) == ["0", "crops", "raw.json", "synthesis.json", "triplets"]
     assert json.loads((out / "synthesis.json").read_text())["annotate"]["mask_annotator"] == "fixed"
     sample, = json.loads((out / "triplets" / "hug" / "triplets.json").read_text())["samples"]
@@ -342,21 +351,39 @@ class Listed:
         return [self.found.get(label, []) for label in labels]
 
 
-def test_find_entities_threshold_and_repeated_classes():
+def _box_detection(box, score) -> Detection:
+    """A detection in an 8 x 8 image whose mask is its box's pixels."""
+    mask = np.zeros((8, 8), bool)
+    mask[round(box[1] * 8):round(box[3] * 8), round(box[0] * 8):round(box[2] * 8)] = True
+    return Detection(box, score, mask)
+
+
+def test_find_entities_uses_the_annotation_rules():
     from relationbench.data.synthesize import find_entities
 
-    image = Image.new("RGB", (8, 8))
-    mask = np.zeros((8, 8), bool)
-    a = Detection((0.0, 0.0, 0.5, 0.5), 0.9, mask)
-    b = Detection((0.5, 0.5, 1.0, 1.0), 0.8, mask)
-    weak = Detection((0.5, 0.0, 1.0, 0.5), 0.2, mask)
-    assert find_entities(Listed({"bear": [a], "tiger": [b]}), image, ["bear", "tiger"], 0.3) == [a, b]
-    assert find_entities(Listed({"bear": [a], "tiger": [weak]}), image, ["bear", "tiger"], 0.3) == \
-        "'tiger' was not found in the target (best score 0.20 < threshold 0.3)"
-    dogs = Listed({"dog": [a, b]})  # two dogs: asked once, the two best boxes in turn
-    assert find_entities(dogs, image, ["dog", "dog"], 0.3) == [a, b] and dogs.asked == [["dog"]]
-    assert find_entities(Listed({"dog": [a]}), image, ["dog", "dog"], 0.3) == \
-        "'dog' was not detected in the target as often as it is named"
-    # the tiger answered only with the bear's box: one object for two entities, not found
-    assert find_entities(Listed({"bear": [a], "tiger": [a]}), image, ["bear", "tiger"], 0.3) == \
-        "'tiger' was not detected in the target"
+    image, rules = Image.new("RGB", (8, 8)), AnnotateSettings()  # threshold 0.3, extra 0.5, same object 0.5
+    left = _box_detection((0.0, 0.0, 0.5, 0.5), 0.8)
+    right = _box_detection((0.5, 0.5, 1.0, 1.0), 0.9)
+    weak = _box_detection((0.5, 0.0, 1.0, 0.5), 0.2)
+    assert find_entities(Listed({"bear": [left], "tiger": [right]}), image, ["bear", "tiger"], rules) == [left, right]
+    assert find_entities(Listed({"bear": [left], "tiger": [weak]}), image, ["bear", "tiger"], rules) == \
+        "target: 'tiger' found 0 time(s) scoring at least 0.3, named 1 time(s)"
+    # two dogs: asked once; entity 0 is the left one though the right one scores higher, as annotate
+    # pairs them (reference k is drawn from the crop of the object annotate gives entity k)
+    dogs = Listed({"dog": [right, left]})
+    assert find_entities(dogs, image, ["dog", "dog"], rules) == [left, right] and dogs.asked == [["dog"]]
+    assert find_entities(Listed({"dog": [right]}), image, ["dog", "dog"], rules) == \
+        "target: 'dog' found 1 time(s) scoring at least 0.3, named 2 time(s)"
+    # a second bear scoring 0.8 >= 0.5 x 0.9: the target shows more bears than named
+    assert find_entities(Listed({"bear": [right, left]}), image, ["bear"], rules).startswith(
+        "target: 2 'bear' objects found for 1 named")
+    # the tiger answered only with the bear's object: one object for two entities
+    same = _box_detection(left.box, 0.7)
+    assert find_entities(Listed({"bear": [left], "tiger": [same]}), image, ["bear", "tiger"], rules) == \
+        "target: 'bear' and 'tiger' were found on one object (mask IoU 1.00)"
+    # a random-weight annotator (the tiny backbone): the comparing rules are off, as in annotate
+    class RandomListed(Listed):
+        random_weights = True
+
+    assert find_entities(RandomListed({"bear": [left], "tiger": [same]}), image, ["bear", "tiger"], rules) == \
+        [left, same]

@@ -193,7 +193,7 @@ def _break(root: Path, case: str, marker: Path) -> tuple[str, str]:
         return "hug/videos/0/motion_keyposes.pth", "sample 0: the target keypoints: not a tensor file"
     if case == "damaged image":
         (jump_video / "1" / "motion.png").write_bytes(b"\x89PNG\r\n")
-        return "jump/videos/1/motion.png", "sample 1: the target image: not an image PIL can read"
+        return "jump/videos/1/motion.png", "sample 1: target image: not an image PIL can read"
     if case == "empty mask":
         _mask(root / "jump" / "masks" / "0" / "motion.png", (0, 0, 0, 0))  # only the ring, below 128
         return "jump/masks/0/motion.png", "sample 0: object 0 (dog): the mask is empty (all black)"

@@ -113,7 +113,6 @@ class AnnotateReport:
     """What one annotate run did: kept samples (relation, id, per object what was found) and
     those set aside, the annotators' names and the settings."""
 
-    out: Path
     annotators: dict[str, str | None]
     settings: dict[str, Any]
     random_weights: bool = False
@@ -431,7 +430,7 @@ def annotate_raw(raw: Path, out: Path, *, annotators: Annotators, settings: Anno
     samples = read_raw(raw)
     out = Path(out)
     compare = not annotators.random_weights
-    report = AnnotateReport(out=out, annotators=annotators.names(), settings=asdict(settings),
+    report = AnnotateReport(annotators=annotators.names(), settings=asdict(settings),
                             random_weights=annotators.random_weights)
     with new_folder(out) as tmp:
         records: dict[str, list[dict[str, Any]]] = {}

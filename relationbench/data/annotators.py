@@ -194,12 +194,18 @@ def plugin_factory(group: str, name: str, option: str, what: str = "annotator pl
 def load_annotators(backbone: "Backbone", settings: AnnotateSettings, device: str = "cpu") -> Annotators:
     """The annotators `settings` names, looked up among the entry points and built for
     `backbone` on `device`. UserError for an unknown name or missing weights."""
-    masks = plugin_factory(MASK_GROUP, settings.mask_annotator, "--mask-annotator")(backbone, settings, device)
+    masks = load_mask_annotator(backbone, settings, device)
     keypoints = plugin_factory(KEYPOINT_GROUP, settings.keypoint_annotator, "--keypoint-annotator")(
         backbone, settings, device)
     captioner = (plugin_factory(CAPTIONER_GROUP, settings.captioner, "AnnotateSettings.captioner")(
         backbone, settings, device) if settings.caption else None)
     return Annotators(masks, keypoints, captioner)
+
+
+def load_mask_annotator(backbone: "Backbone", settings: AnnotateSettings, device: str = "cpu") -> MaskAnnotator:
+    """The mask annotator alone (what `relbench data synthesize --no-annotate` needs to find
+    the entities), as load_annotators builds it."""
+    return plugin_factory(MASK_GROUP, settings.mask_annotator, "--mask-annotator")(backbone, settings, device)
 
 
 def weights_id(backbone: "Backbone", key: str) -> str:
@@ -508,6 +514,7 @@ __all__ = [
     "head_schema",
     "installed",
     "load_annotators",
+    "load_mask_annotator",
     "load_owlv2_sam",
     "load_segmenter",
     "load_vitpose_plus",

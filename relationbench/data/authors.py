@@ -200,14 +200,9 @@ def _convert(folder: Path, sid: str, record: dict, schema: str, problems: list[P
         mask_files = [masks / f"motion{i}.png" for i in range(n)]
     target = video / "motion.png"
     images = [(target, "the target image"), *((p, f"the reference image of {e!r}") for p, e in zip(reference_images, entities))]
-    for path, role in images:
+    for path, role in images:  # present here; read (once) by the check of the copies, named by this path
         if not path.is_file():
             fail(f"missing {role}", path)
-        else:
-            try:
-                read_image(path)
-            except UserError as exc:
-                fail(f"{role}: {exc.message}", path)
     binarized = [_binarize(p, f"the mask of {e!r}", fail) for p, e in zip(mask_files, entities)]
     reference_xy = [_load_keypoints(p, (1, N_KEYPOINTS, 2), f"the reference keypoints of {e!r}", fail)
                     for p, e in zip(reference_points, entities)]

@@ -8,16 +8,18 @@ sample i of `relbench data synthesize --relation hug --entities bear,tiger OUT`:
    the entities with their articles around the predicate, one scene of `SCENES` per sample);
 2. x, from a text-to-image generator (`ImageGenerator`; default `sdxl`: the backbone's SDXL
    pipeline through the `sdxl` method card, 30 Euler steps), seed `seed + i`;
-3. each entity found in x by the mask annotator of `relbench data annotate` (the best detection
-   of its name scoring at least the annotation threshold), its box cropped as a padded square
-   (`square_crop`);
+3. each entity found in x by the mask annotator of `relbench data annotate`, by annotate's own
+   rules (`match_entities`: threshold, extra and same-object, two of one class left to right),
+   so that reference k is drawn from the object annotate gives entity k; its box cropped as a
+   padded square (`square_crop`);
 4. c_i per entity: MS-Diffusion (the `msdiffusion` card) conditioned on that crop, prompted in
    the paper's style with a neutral pose (`REFERENCE_PROMPT`), the entity drawn in
    `reference_box`, seed `seed + i`: the same identity in another pose, never a pasted crop
    (which the paper found gives a copy-and-paste effect).
 
-A sample where an entity is not found is set aside (synthesis.json, `set_aside`, with the
-reason; its target stays in <id>/ for a look, out of raw.json), never kept with a guessed crop.
+A sample whose target those rules set aside is set aside here, before its references are
+drawn (synthesis.json, `set_aside`, with the reason; its target stays in <id>/ for a look, out
+of raw.json), never kept with a guessed crop.
 Then, unless told not to, `annotate_raw` turns OUT into the triplet format under OUT/triplets
 and `check_triplets` checks it; the annotation report (annotate-report.md) lands there too.
 
@@ -69,8 +71,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from ..errors import UserError
-from .annotate import RAW_MANIFEST, RAW_VERSION
-from .triplets import MAX_ENTITIES, RELATION_NAME, check_triplets, new_folder, problems_error
+from .annotate import RAW_MANIFEST, RAW_VERSION, _Aside, match_entities
+from .triplets import MAX_ENTITIES, RELATION_NAME, new_folder
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -346,7 +348,7 @@ class RawResult:
 
 
 def synthesize_raw(root: Path, spec: RelationSpec, settings: SynthesizeSettings, *, generator: ImageGenerator,
-                   references: MSDiffusionReferences, masks: "MaskAnnotator", threshold: float,
+                   references: MSDiffusionReferences, masks: "MaskAnnotator", rules: "AnnotateSettings",
                    size: tuple[int, int], record: dict[str, Any] | None = None, progress: bool = True) -> RawResult:
     """Write the raw samples into `root` (an empty folder; see the module docstring): targets,
     then the entities found in each, then their references; raw.json and synthesis.json last
@@ -365,7 +367,7 @@ def synthesize_raw(root: Path, spec: RelationSpec, settings: SynthesizeSettings,
     jobs: list[ReferenceJob] = []
     for sample in tqdm(made, desc="find entities", unit="image", disable=not progress):
         target = targets[sample["id"]]
-        found = find_entities(masks, target, spec.entities, threshold)
+        found = find_entities(masks, target, spec.entities, rules)
         if isinstance(found, str):
             sample["set_aside"] = found
             continue
@@ -397,7 +399,7 @@ def synthesize_raw(root: Path, spec: RelationSpec, settings: SynthesizeSettings,
         "settings": _plain(settings), "size": list(size),
         "generator": {"name": generator.name, **generator.describe()},
         "references": references.describe(),
-        "entity_threshold": threshold,
+        "entity_threshold": rules.threshold,
         **(record or {}),
         "samples": made,
         "set_aside": [{"id": i, "reason": r} for i, r in set_aside],
@@ -407,23 +409,16 @@ def synthesize_raw(root: Path, spec: RelationSpec, settings: SynthesizeSettings,
 
 
 def find_entities(masks: "MaskAnnotator", image: "Image.Image", entities: Sequence[str],
-                   threshold: float) -> list[Any] | str:
-    """Per entity the best detection of its name scoring >= threshold, each box used once (two
-    entities of one class take its two best; an entity answered only with another's box is
-    not found); else why not, as a sentence."""
+                  rules: "AnnotateSettings") -> list[Any] | str:
+    """Per entity its detection by annotate's rules (match_entities; the comparing rules off
+    for a random-weight annotator), the object annotate will pair with that entity's
+    reference; else why not, as a sentence."""
     labels = list(dict.fromkeys(entities))
-    detections = dict(zip(labels, masks.detect(image, labels)))
-    chosen: list[Any] = []
-    for entity in entities:
-        taken = [tuple(d.box) for d in chosen]
-        best = next((d for d in detections[entity] if tuple(d.box) not in taken), None)
-        if best is None:
-            return f"{entity!r} was not detected in the target" + (
-                " as often as it is named" if list(entities).count(entity) > 1 else "")
-        if best.score < threshold:
-            return f"{entity!r} was not found in the target (best score {best.score:.2f} < threshold {threshold})"
-        chosen.append(best)
-    return chosen
+    try:
+        return match_entities(entities, dict(zip(labels, masks.detect(image, labels))), rules, "target",
+                              compare=not getattr(masks, "random_weights", False))
+    except _Aside as aside:
+        return aside.reason
 
 
 def _plain(settings: Any) -> dict[str, Any]:
@@ -478,7 +473,7 @@ def synthesize(opts: SynthesizeOptions) -> SynthesizeSummary:
     from ..generate import cpu_reproducible_env
     from ..methods import Context, default_registry
     from .annotate import annotate_raw
-    from .annotators import AnnotateSettings, load_annotators
+    from .annotators import AnnotateSettings, load_annotators, load_mask_annotator
 
     spec = relation_spec(opts.relation, opts.entities, opts.predicate)
     settings = opts.settings
@@ -499,7 +494,10 @@ def synthesize(opts: SynthesizeOptions) -> SynthesizeSummary:
               "versions": {"relationbench": __version__, "torch": torch.__version__}}
     with new_folder(out) as tmp:  # refuses a non-empty OUT before any model loads
         context = Context(backbone=backbone, device=device, dtype=dtype, data_root=tmp, quiet=opts.quiet)
-        annotators = load_annotators(backbone, annotate_settings, device=device)
+        # the keypoint annotator (and captioner) only when annotating: --no-annotate needs the masks alone
+        annotators = load_annotators(backbone, annotate_settings, device=device) if opts.annotate else None
+        masks = (annotators.masks if annotators is not None
+                 else load_mask_annotator(backbone, annotate_settings, device=device))
         generator = make_generator(context)
         references = MSDiffusionReferences(context, settings.reference_card, settings.reference_box)
         with contextlib.ExitStack() as stack:
@@ -507,7 +505,7 @@ def synthesize(opts: SynthesizeOptions) -> SynthesizeSummary:
                 if hasattr(model, "close"):
                     stack.callback(model.close)
             raw = synthesize_raw(tmp, spec, settings, generator=generator, references=references,
-                                 masks=annotators.masks, threshold=annotate_settings.threshold,
+                                 masks=masks, rules=annotate_settings,
                                  size=(side, side), record=record, progress=progress)
         if not raw.samples:
             reasons = "; ".join(f"sample {i}: {r}" for i, r in raw.set_aside)
@@ -515,16 +513,13 @@ def synthesize(opts: SynthesizeOptions) -> SynthesizeSummary:
                             hint="raise --samples, try another --seed, or lower the annotation threshold")
     if not opts.annotate:
         return SynthesizeSummary(out, len(raw.samples), raw.set_aside, None, None)
-    triplets = out / TRIPLETS
+    triplets = out / TRIPLETS  # annotate_raw checks it (check_triplets) before it lands
     report = annotate_raw(out, triplets, annotators=annotators, settings=annotate_settings, progress=progress)
     if not report.kept:
         raise UserError("the annotation set every sample aside: " + "; ".join(
             f"sample {s.id}: {s.reason}" for s in report.set_aside), path=triplets,
             hint=f"the raw samples stay in {out}: annotate them again with other settings "
                  f"(relbench data annotate {out} NEW_FOLDER), or synthesize more")
-    problems = check_triplets(triplets, quiet=opts.quiet)
-    if problems:
-        raise problems_error(problems, triplets)
     return SynthesizeSummary(out, len(raw.samples), raw.set_aside, triplets, report)
 
 

@@ -60,12 +60,11 @@ def is_authors_config(path: Path) -> bool:
     return isinstance(data, dict) and "class_names" in data
 
 
-def import_authors_config(path: Path, out: Path, name: str | None = None,
+def import_authors_config(path: Path, out: Path, name: str,
                           image_root: Path | None = None) -> tuple[dict[str, Any], list[str]]:
-    """(the suite file's data, notes for the user) for the config at `path`, validated as a
-    suite that will be written to `out` (its image paths are written relative to `out`'s
-    folder when under it, else absolute). `name`: the suite's (default: `out`'s stem)."""
-    name = name or out.stem
+    """(the suite file's data, notes for the user) for the config at `path`, validated as the
+    suite `name` that will be written to `out` (its image paths are written relative to `out`'s
+    folder when under it, else absolute)."""
     check_suite_name(name)
 
     def fail(msg: str, hint: str | None = None) -> UserError:
