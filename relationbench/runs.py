@@ -55,6 +55,10 @@ SCORE_COLUMNS = (
 # the family's columns; `model` is the scorer's id (its weights, and dtype when not fp32)
 FAMILY_SCORES = "scores-{family}.csv"
 FAMILY_KEY_COLUMNS = ("case_id", "index", "kind", "image_sha256", "model")
+# a row's score group: rows of one image count once per group (the scorer keeps one, the report
+# refuses two), and only rows of one group are ever pooled
+SCORE_GROUP = ("protocol", "clip_encoder", "dino_encoder")  # scores.csv: protocol and encoders
+FAMILY_GROUP = ("model",)  # a family's file: the scorer's model id
 SCORE_FLOAT_COLUMNS = ("clip_t", "clip_r", "clip_i", "dino", "clip_i_1", "clip_i_2", "dino_1", "dino_2")
 TMP_SUFFIX = ".tmp"
 SEED_RULE = "sample 0: the case seed; sample k > 0: first 4 bytes of sha256('<case seed>:<k>'), big-endian"
@@ -202,7 +206,7 @@ class RunDir:
         atomically with the lines that pass, one per (case, sample).
 
         A line with a size and sha256 passes when the file has both (hashed once, in threads:
-        sha256 runs at ~1 GB/s and releases the GIL); a line of an older version without them
+        hashlib's sha256 releases the GIL); a line of an older version without them
         passes when its file decodes fully, and is given them. Call only while holding the
         writer's lock, before anything appends.
         """
@@ -282,15 +286,6 @@ class RunDir:
     def family_table(self, family: str, columns: tuple[str, ...]) -> "ScoreTable":
         """scores-<family>.csv: FAMILY_KEY_COLUMNS, then the family's columns."""
         return ScoreTable(self.root / FAMILY_SCORES.format(family=family), (*FAMILY_KEY_COLUMNS, *columns))
-
-    def read_scores(self) -> list[dict[str, str]]:
-        return self.score_table().read()
-
-    def append_scores(self, rows: list[dict]) -> None:
-        self.score_table().append(rows)
-
-    def write_scores(self, rows: list[dict]) -> None:
-        self.score_table().write(rows)
 
 
 class ScoreTable:

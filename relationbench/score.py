@@ -46,7 +46,8 @@ from .metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS
 from .metrics.protocols import Protocol, get_protocol
 from .metrics.registry import FAMILIES, PAPER, FamilyScorer, ImageItem, family_columns, parse_metrics
 from .metrics.scores import clip_score, mean_pair_cosine
-from .runs import SCORE_LOCK, SUITE_COPIES, RunDir, ScoreTable, image_key
+from .runs import FAMILY_GROUP, SCORE_LOCK, SUITE_COPIES, RunDir, ScoreTable, image_key
+from .runs import SCORE_GROUP as PAPER_GROUP
 from .suites import Case, Subject, Suite, available_suites, find_phrase, load_suite
 
 if TYPE_CHECKING:
@@ -208,10 +209,6 @@ class RunPlan:
     @property
     def uses_layout(self) -> bool:
         return str((self.meta.get("method") or {}).get("adapter", "")).startswith(LAYOUT_ADAPTERS)
-
-
-PAPER_GROUP = ("protocol", "clip_encoder", "dino_encoder")  # a scores.csv row's score group
-FAMILY_GROUP = ("model",)  # a family file row's
 
 
 def _plan(run_dir: Path, opts: ScoreOptions, ids: Callable[[str, str], tuple[str, ...]], families: Sequence[str],

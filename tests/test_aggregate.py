@@ -257,3 +257,35 @@ def test_load_scores_concatenates_and_refuses_clashing_labels(tmp_path):
     clash = write_run(tmp_path / "other", "sdxl@tiny", "relationbench", [image_row("s1", 0, clip_t=3.0)])
     with pytest.raises(UserError, match="share the label"):
         load_scores([a, clash])
+
+
+def test_run_labels_keep_runs_with_other_load_time_settings_apart(tmp_path):
+    """A run's leaderboard row: its folder name, plus each load-time setting (run.json's
+    method.run.label) the name does not say as a whole `key=value`. Two runs of one folder name
+    but other settings are two rows; two runs of one label are refused, never merged."""
+    from relationbench.report.aggregate import run_label
+
+    def labelled(root, name, value, clip_t):
+        run_dir = write_run(root, name, "relationbench", [image_row("s1", 0, clip_t=clip_t)])
+        meta = json.loads((run_dir / "run.json").read_text())
+        meta["method"]["run"] = {"label": {"local_encoder": value}}
+        (run_dir / "run.json").write_text(json.dumps(meta))
+        return run_dir
+
+    stock = labelled(tmp_path / "a", "rb@tiny", "stock", 1.0)
+    clipself = labelled(tmp_path / "b", "rb@tiny", "clipself", 3.0)
+    assert run_label(stock) == "rb@tiny [local_encoder=stock]"
+    assert run_label(labelled(tmp_path / "c", "rb[local_encoder=stock]@tiny", "stock", 0.0)) == \
+        "rb[local_encoder=stock]@tiny"
+    # a longer value that starts with this one does not say it
+    assert run_label(labelled(tmp_path / "d", "rb[local_encoder=stock2]", "stock", 0.0)) == \
+        "rb[local_encoder=stock2] [local_encoder=stock]"
+    df = load_scores([stock, clipself])
+    assert dict(zip(df["run"], df["method"])) == {"rb@tiny [local_encoder=stock]": "sdxl[local_encoder=stock]",
+                                                  "rb@tiny [local_encoder=clipself]": "sdxl[local_encoder=clipself]"}
+    summary = summarize(df, n_boot=20)
+    means = summary[(summary["kind"] == "all") & (summary["metric"] == "clip_t")].set_index("run")
+    assert means["mean"].to_dict() == {"rb@tiny [local_encoder=clipself]": 3.0, "rb@tiny [local_encoder=stock]": 1.0}
+    assert means["n_images"].tolist() == [1, 1]
+    with pytest.raises(UserError, match="share the label"):
+        load_scores([stock, labelled(tmp_path / "e", "rb@tiny", "stock", 2.0)])

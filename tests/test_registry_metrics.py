@@ -261,3 +261,35 @@ def test_family_models_take_their_own_dtype():
     detector, clip, dino, protocol = _grounded_id(tiny, half, "fp32").split(" + ")
     assert detector.endswith("@bf16") and not clip.endswith("@bf16") and not dino.endswith("@bf16")
     assert protocol == "paper"
+
+
+def test_family_scorers_see_whether_the_run_took_the_case_boxes(env, fakes, monkeypatch):
+    """ImageItem.uses_layout (grounded's layout IoU and box assignment) comes from the adapter
+    run.json records: msdiffusion and relationbooth take the case boxes, sdxl does not; the
+    scorer gets each case's scoring text and predicate."""
+    import json
+
+    from relationbench.suites import load_suite
+
+    adapters = {"ms": "relationbench.methods.msdiffusion:MSDiffusionMethod",
+                "rb": "relationbench.methods.relationbooth:RelationBoothMethod",
+                "plain": "relationbench.methods.sdxl:SDXLMethod"}
+    runs = {}
+    for n, (name, adapter) in enumerate(adapters.items()):
+        runs[name] = make_run(env, f"{name}@tiny", ["rb-m-001"], per_case=1, seed=n)
+        meta = json.loads((runs[name] / "run.json").read_text())
+        meta["method"]["adapter"] = adapter
+        (runs[name] / "run.json").write_text(json.dumps(meta))
+    seen = {}
+    real = FakeScorer.score
+
+    def recording(self, items):
+        seen.update({it.sha256: (it.uses_layout, it.text, it.predicate) for it in items})
+        return real(self, items)
+
+    monkeypatch.setattr(FakeScorer, "score", recording)
+    run_score("--metrics", "grounded", env)
+    case = load_suite("relationbench").case("rb-m-001")
+    got = {name: seen[family_rows(run, "grounded")["image_sha256"].item()] for name, run in runs.items()}
+    assert got == {"ms": (True, case.prompt, case.predicate), "rb": (True, case.prompt, case.predicate),
+                   "plain": (False, case.prompt, case.predicate)}

@@ -111,6 +111,25 @@ def test_a_deleted_image_is_made_again_and_counted_once(env):
     assert n_images(run) == 4
 
 
+def test_a_failed_image_of_a_case_not_selected_leaves_the_manifest_until_selected(env, fast_card):  # noqa: F811
+    """A rerun over other cases still checks every line: the failing one is dropped (reported,
+    not counted as done, not made), and made again by the next run that selects its case."""
+    run, generate = env
+    generate()
+    before = images(run)
+    (run / "images/rb-m-001/0.png").unlink()
+    res = gen("--method", str(fast_card), "--cases", "rb-s-001", "--images-per-case", "2", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    assert "0 generated, 2 already done" in res.output and "replaced" not in res.output
+    assert ("1 image(s) of cases not selected now failed their check and left the manifest (made again when "
+            "selected): images/rb-m-001/0.png missing") in " ".join(res.output.split())
+    assert sorted((r["case_id"], r["index"]) for r in manifest(run)) == [k for k in KEYS if k != ("rb-m-001", 0)]
+    out = generate()
+    assert "1 generated, 3 already done" in out and "replaced" not in out and "not selected" not in out
+    assert images(run) == before
+    assert_one_true_line_per_image(run)
+
+
 def test_a_replaced_image_is_rescored_and_its_old_row_dropped(env, monkeypatch):
     """An image overwritten after scoring is made again; when the new one differs (as it may
     on a GPU; here one pixel is changed), its stale row goes and the new image is scored."""

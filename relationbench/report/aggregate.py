@@ -9,6 +9,7 @@ models (its file's `model` column, FAMILY_GROUP).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -18,16 +19,15 @@ import pandas as pd
 from ..errors import UserError
 from ..methods.cards import format_value, variant_name
 from ..metrics.registry import FAMILIES, PAPER, column_spec, family_columns
-from ..runs import FAMILY_KEY_COLUMNS, FAMILY_SCORES, RUN_JSON, SCORE_COLUMNS, SCORE_FLOAT_COLUMNS, RunDir
+from ..runs import (FAMILY_GROUP, FAMILY_KEY_COLUMNS, FAMILY_SCORES, RUN_JSON, SCORE_COLUMNS, SCORE_FLOAT_COLUMNS,
+                    RunDir)
+from ..runs import SCORE_GROUP as GROUP  # scores are comparable only within one group
 from ..runs import SCORES as SCORES_CSV
 
 METRICS = ("clip_t", "clip_r", "clip_i", "dino")
-GROUP = ("protocol", "clip_encoder", "dino_encoder")  # scores are comparable only within one group
-FAMILY_GROUP = ("model",)  # a family's scores: within one model id
 KINDS = ("single", "multi")
 ALL = "all"
 RUN_COLUMNS = ("run", "run_dir", "suite", "method", "backbone")
-CASE_KEYS = ("run", "suite", "kind", *GROUP, "case_id")
 # a summary row of the paper family has an empty model; one of another family empty GROUP columns
 SUMMARY_KEYS = ("run", "suite", "kind", *GROUP, "model", "metric")
 SUMMARY_COLUMNS = (*SUMMARY_KEYS, "mean", "ci_low", "ci_high", "n_cases", "n_images")
@@ -63,8 +63,10 @@ def run_label(run_dir: Path) -> str:
         label = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))["method"].get("run", {}).get("label")
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         label = None  # _read_run_json reports a broken run.json
-    shown = [f"{k}={format_value(v)}" for k, v in sorted((label or {}).items())
-             if f"{k}={format_value(v)}" not in name]
+    # a setting the name already says as a whole `key=value` (a variant's bracket: `rb[local_encoder=stock]`);
+    # `local_encoder=stock` inside `local_encoder=stock2` does not say it
+    said = set(re.split(r"[\[\],@ ]", name))
+    shown = [pair for k, v in sorted((label or {}).items()) if (pair := f"{k}={format_value(v)}") not in said]
     return f"{name} [{','.join(shown)}]" if shown else name
 
 
