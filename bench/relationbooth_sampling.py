@@ -176,10 +176,23 @@ def random_relationlora(unet, bank_root: Path, relation: str, backbone: str) -> 
     return name
 
 
+def clock(device: str, fn, *a) -> float:
+    """Seconds of fn(*a), a CUDA device synchronized before and after."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn(*a)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def sampling(args, device: str, dtype, tmp: Path) -> tuple[list[list], list[str]]:
     """Part `sampling`: one row per batch size and variant; notes. `tmp`: an empty folder
     (the subjects' stand-in references and the LoRA bank)."""
-    import torch
     from tqdm import tqdm
 
     from relationbench.backbones import get_backbone
@@ -213,17 +226,6 @@ def sampling(args, device: str, dtype, tmp: Path) -> tuple[list[list], list[str]
              "relationbooth fused": registry.card("relationbooth").with_settings({**booth, "fuse_lora": True}),
              "relationbooth local0": registry.card("relationbooth").with_settings({**booth, "local_tokens": 0})}
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def clock(fn, *a):
-        sync()
-        t = time.perf_counter()
-        fn(*a)
-        sync()
-        return time.perf_counter() - t
-
     rows, notes = [], [f"pipeline built in {build_s:.1f} s"]
     with loaders:
         for b in args.batch:
@@ -235,9 +237,9 @@ def sampling(args, device: str, dtype, tmp: Path) -> tuple[list[list], list[str]
                     method = cards[variant].build(context)
                     method.check([case])
                     method.load()
-                    prep[variant].append(clock(method.prepare, [case]))
+                    prep[variant].append(clock(device, method.prepare, [case]))
                     method.generate(requests)  # warm-up; activates (fused: merges) the relation's LoRA
-                    gen[variant].append(clock(method.generate, requests) / b)
+                    gen[variant].append(clock(device, method.generate, requests) / b)
                     method.close()
             ms = gen["msdiffusion"]
             for variant in VARIANTS:
@@ -274,16 +276,7 @@ def extraction(args, device: str, dtype) -> tuple[list[list], list[str]]:
         return counter.get_total_flops() / 1e9
 
     def timed(fn) -> float:
-        times = []
-        for _ in range(args.extract_repeats):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return statistics.median(clock(device, fn) for _ in range(args.extract_repeats))
 
     pixels = clip_pixels([image], 224).to(device, dtype)
     rows = []

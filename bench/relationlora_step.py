@@ -94,14 +94,14 @@ def random_rows(n: int, unet, latent: int, device, dtype):
     return rows
 
 
-def run_mode(which: str, mode: str, unet, adapter, stock, rows, args, device, dtype, out: Path) -> dict:
+def run_mode(which: str, mode: str, unet, adapter, stock, rows, args, device, out: Path) -> dict:
     """Train `args.steps` steps of one kind in one memory mode; per-step seconds and peak memory.
     `stock`: diffusers' attention processor, put back for the plain kind."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from relationbench.backbones.tiny import SDXL_SCHEDULER_CONFIG
+    from relationbench.backbones.tiny import SDXL_SCHEDULER_CONFIG, TINY
     from relationbench.methods.lora.trainer import TrainerSettings, train_lora
     from relationbench.methods.relationbooth.kml import KMLSettings
     from relationbench.methods.relationbooth.lora import relationlora_targets
@@ -115,7 +115,8 @@ def run_mode(which: str, mode: str, unet, adapter, stock, rows, args, device, dt
                                gradient_checkpointing=checkpointing)
     scheduler = DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
     latent = args.size // 8
-    batches = RelationBatches(rows, micro, 0.13025, 1000, unet.dtype)
+    batches = RelationBatches(rows, micro, TINY.vae["scaling_factor"],  # SDXL's, which tiny shares
+                              scheduler.config.num_train_timesteps, unet.dtype)
     if which == "relationbooth":
         adapter.install(unet)
         loss_fn = RelationBoothLoss(adapter, scheduler, KMLSettings(), (latent, latent))
@@ -164,6 +165,8 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
     from tabulate import tabulate
 
+    from relationbench.backbones.tiny import TINY
+    from relationbench.methods.msdiffusion.encoder import TINY_IMAGE_ENCODER, TINY_RESAMPLER
     from relationbench.methods.msdiffusion.model import MSAdapter
     from relationbench.methods.msdiffusion.resampler import ResamplerConfig
 
@@ -177,9 +180,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     unet = build_unet(args.arch, device, weights_dtype)
+    # the msdiffusion method's resampler widths (methods/msdiffusion/method.py resampler_config)
     cfg = ResamplerConfig(output_dim=unet.config.cross_attention_dim) if args.arch == "sdxl" else ResamplerConfig(
-        dim=64, depth=2, dim_head=16, heads=4, embedding_dim=48, output_dim=unet.config.cross_attention_dim,
-        phrase_embeddings_dim=32)
+        **TINY_RESAMPLER, embedding_dim=TINY_IMAGE_ENCODER["hidden_size"], output_dim=unet.config.cross_attention_dim,
+        phrase_embeddings_dim=TINY.text_encoder["hidden_size"])
     with torch.device(device):
         adapter = MSAdapter(unet, cfg)
     adapter = adapter.to(dtype=weights_dtype)  # installed now; run_mode puts stock or ours per kind
@@ -191,7 +195,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.mode or ["fast"]:
             for which in ("plain", "relationbooth"):
-                results.append(run_mode(which, mode, unet, adapter, stock, rows, args, device, dtype, Path(tmp)))
+                results.append(run_mode(which, mode, unet, adapter, stock, rows, args, device, Path(tmp)))
                 print(results[-1], flush=True)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
     print(f"\n{machine}; torch {torch.__version__}, diffusers {diffusers.__version__}; arch {args.arch}, "

@@ -124,7 +124,7 @@ class Probes:
     def install(self) -> None:
         import relationbench.score as sc
         from relationbench.metrics.encoders import ClipEncoder, ImageEncoder
-        from relationbench.runs import RunDir
+        from relationbench.runs import ScoreTable
 
         self.wrap(sc, "_load_encoders", "load")
         self.wrap(sc, "_score_group", "group")
@@ -132,7 +132,7 @@ class Probes:
         self.wrap(ImageEncoder, "encode_images", "encode")  # CLIP and DINO both inherit it
         self.wrap(ClipEncoder, "encode_texts", "texts")
         self.wrap(sc, "_rows", "rows")  # includes the text embeddings
-        self.wrap(RunDir, "append_scores", "csv")
+        self.wrap(ScoreTable, "append", "csv")  # every score file's rows (scores.csv, scores-<family>.csv)
         self.wrap(sc, "_save_caches", "cache")
 
     def loop(self) -> dict[str, float]:

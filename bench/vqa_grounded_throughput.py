@@ -115,6 +115,8 @@ def _vqa_scorer(arch: str, device: str, dtype, batch: int, workers: int):
     settings = VQASettings(batch_size=batch, workers=workers)
     if arch == "tiny":
         return load_vqa_scorer(get_backbone("tiny"), device, dtype, settings)
+    if arch != "qwen2.5-vl-3b":
+        raise SystemExit(f"vqa: --arch tiny or qwen2.5-vl-3b, not {arch!r}")
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
     tiny, processor = build_tiny_vqa()  # its tokenizer and chat template; the real image processor
@@ -262,7 +264,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--size", type=int, default=1024, help="side of the generated images (px)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=4, help="the scorer's threads preparing batches ahead")
+    parser.add_argument("--workers", type=int, default=4, help="vqa: the scorer's threads preparing batches ahead")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | meta (builds the model without "
                         "weights and times only the CPU part: how fast a GPU may go before it waits)")
     parser.add_argument("--dtype", dest="dtype_name", default="fp32", choices=["fp32", "bf16", "fp16"])
