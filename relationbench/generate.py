@@ -99,13 +99,13 @@ def select_cases(suite: Suite, ids: Sequence[str] = (), kind: str | None = None,
     return cases
 
 
-def default_out(suite: str, method: str, backbone: str) -> Path:
-    """results/<suite>/<card>, with @<backbone> added for anything but the real sdxl; a
+def default_out(suite: str, method: str, backbone: str, root: str | Path = "results") -> Path:
+    """<root>/<suite>/<card>, with @<backbone> added for anything but the real sdxl; a
     variant's name (`msdiffusion[scale=0.4]`) is its folder name."""
     name = method.replace(os.sep, "_")
     if backbone != "sdxl":
         name = f"{name}@{backbone}"
-    return Path("results") / suite / name
+    return Path(root) / suite / name
 
 
 class Shard:
@@ -142,14 +142,19 @@ class Shard:
         if self.state is not None:
             self.state.wait_for_everyone()
 
+    def share(self, value: Any) -> Any:
+        """The main process's `value` on every process (a decision all must take alike)."""
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
     def agree(self, ok: bool, message: str) -> None:
         """Every process stops if the main one could not start (e.g. the run is locked)."""
-        if self.state is not None:
-            from accelerate.utils import broadcast_object_list
-
-            flag = [(ok, message)]
-            broadcast_object_list(flag, from_process=0)
-            ok, message = flag[0]
+        ok, message = self.share((ok, message))
         if not ok:
             raise UserError(message)
 

@@ -280,6 +280,13 @@ def _current_rows(run: RunDir, latest: dict[tuple[str, int], dict], rows: list[d
     return kept, len(rows) - len(kept)
 
 
+def run_suite(run_dir: str | Path) -> Suite:
+    """The suite a run was generated from, checked as scoring checks it (see _run_suite): the
+    cases `relbench report` shows beside the run's images. Raises UserError like scoring."""
+    run = RunDir(run_dir)
+    return _run_suite(run.read_meta() or {}, run)[0]
+
+
 def _run_suite(meta: dict[str, Any], run: RunDir) -> tuple[Suite, SuiteDrift | None]:
     """The suite a run was generated from (its copy in the run), and the drift of the suite
     file run.json names when that file has changed since.
@@ -781,11 +788,62 @@ def _save_caches(plans: list[RunPlan]) -> None:
             cache.save()
 
 
+class ScoreIds:
+    """ids(family, backbone name): the score group an up-to-date row of `opts` carries (paper:
+    protocol and encoder ids; another family: its model id), and the backbones behind them."""
+
+    def __init__(self, opts: ScoreOptions):
+        from .devices import dtype_name, resolve_device, resolve_dtype
+
+        self.opts = opts
+        self.protocol = get_protocol(opts.protocol)
+        self._backbones: dict[str, "Backbone"] = {}
+        self._ids: dict[tuple[str, str], tuple[str, ...]] = {}
+        # fp32 unless asked otherwise; "auto" depends on the device (and imports torch to see it)
+        self.dtype_label = (opts.dtype if opts.dtype != "auto"
+                            else dtype_name(resolve_dtype("auto", resolve_device(opts.device))))
+
+    def backbone_for(self, name: str) -> "Backbone":
+        from .backbones import get_backbone
+
+        if name not in self._backbones:
+            weights = self.opts.weights if name != "tiny" or self.opts.backbone != "auto" else None
+            self._backbones[name] = get_backbone(name, weights)
+        return self._backbones[name]
+
+    def __call__(self, family: str, name: str) -> tuple[str, ...]:
+        if (family, name) not in self._ids:
+            backbone = self.backbone_for(name)
+            self._ids[family, name] = (
+                (self.protocol.name, *encoder_ids(backbone, self.opts.clip, self.dtype_label)) if family == PAPER
+                else (FAMILY_SOURCES[family].model_id(backbone, self.opts, self.dtype_label),))
+        return self._ids[family, name]
+
+
+def scored_images(run_dir: str | Path, opts: ScoreOptions) -> set[tuple[str, int]]:
+    """The (case_id, index) images of a run that `score(opts)` would skip: each family asked
+    for has a row of the image now in the manifest, made with opts' protocol and models.
+    Reads only (what `relbench ablate --dry-run` shows)."""
+    families = list(dict.fromkeys(m.family for m in parse_metrics(opts.metrics)))
+    ids = ScoreIds(opts)
+    run = RunDir(run_dir)
+    made_with = ((run.read_meta() or {}).get("backbone") or {}).get("name", "sdxl")
+    backbone = ("tiny" if made_with == "tiny" else "sdxl") if opts.backbone == "auto" else opts.backbone
+    latest = run.latest()
+    done = set(latest)
+    for family in families:
+        table = run.score_table() if family == PAPER else run.family_table(family, _columns(family))
+        group_columns = PAPER_GROUP if family == PAPER else FAMILY_GROUP
+        kept, _ = _current_rows(run, latest, table.read() if table.path.exists() else [], group_columns)
+        group = ids(family, backbone)
+        done &= {image_key(r) for r in kept if tuple(r[c] for c in group_columns) == group}
+    return done
+
+
 def score(opts: ScoreOptions) -> ScoreSummary:
     from tqdm.auto import tqdm
 
-    from .backbones import get_backbone
-    from .devices import dtype_name, resolve_device, resolve_dtype
+    from .devices import resolve_device, resolve_dtype
 
     # 1. check every input, find what is missing; nothing is loaded or written yet
     protocol = get_protocol(opts.protocol)
@@ -793,21 +851,8 @@ def score(opts: ScoreOptions) -> ScoreSummary:
     if opts.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     runs = find_runs(opts.paths)
-    backbones: dict[str, "Backbone"] = {}
-
-    def backbone_for(name: str) -> "Backbone":
-        if name not in backbones:
-            backbones[name] = get_backbone(name, opts.weights if name != "tiny" or opts.backbone != "auto" else None)
-        return backbones[name]
-
-    @functools.lru_cache(maxsize=None)
-    def ids(family: str, name: str) -> tuple[str, ...]:
-        if family == PAPER:
-            return (protocol.name, *encoder_ids(backbone_for(name), opts.clip, dtype_label))
-        return (FAMILY_SOURCES[family].model_id(backbone_for(name), opts, dtype_label),)
-
-    # fp32 unless asked otherwise; "auto" depends on the device (and imports torch to see it)
-    dtype_label = opts.dtype if opts.dtype != "auto" else dtype_name(resolve_dtype("auto", resolve_device(opts.device)))
+    ids = ScoreIds(opts)
+    backbone_for = ids.backbone_for
 
     start = time.perf_counter()
     failures: list[tuple[str, str]] = []

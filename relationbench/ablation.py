@@ -1,0 +1,466 @@
+"""A component -> card variants -> train / generate / score -> the paper-style ablation table:
+what `relbench ablate` does.
+
+A component is data: a YAML file in methods/ablations/ (or any path) naming a method card
+and its variants, each a row label (the paper's wording) and the settings it changes:
+
+    component: kml
+    title: Keypoint matching loss
+    paper: Table 4
+    method: relationbooth
+    reference: Full Model            # the row the others are compared with (paired bootstrap)
+    kinds: [single, multi]
+    metrics: [clip_t, clip_r, clip_i, dino]
+    variants:
+      - {name: w/o Keypoint Matching Loss, set: {kml_weight: 0}}
+      - {name: Full Model, set: {}}
+
+A variant is an ordinary card variant (`relationbooth[kml_weight=0]`), so its run is an
+ordinary run folder, <out>/<suite>/<variant>[@<backbone>], which `relbench generate` with
+the same --set would also use, and which two components with the same row share. Every
+stage resumes: a LoRA is trained only when the bank lacks one with its settings (the bank's
+key), an image only when the run lacks it, a score only when scores.csv lacks it; a stage
+with nothing to do is not started. The tables are written from the runs' scores, limited
+to the cases and samples this ablation selected, into <out>/ablations/<suite>/<component>[@<backbone>]/.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import UserError
+from .methods.cards import cards_dir, default_registry, parse_set
+from .runs import atomic_write_text
+from .suites import Case, load_suite
+
+ABLATION_JSON = "ablation.json"
+ALL = "all"
+PAPER_METRICS = ("clip_t", "clip_r", "clip_i", "dino")
+KINDS = ("single", "multi")
+COMPONENT_KEYS = {"component", "title", "paper", "method", "reference", "kinds", "metrics", "variants"}
+
+
+def components_dir() -> Path:
+    """methods/ablations/: the components `--component NAME` finds."""
+    return cards_dir() / "ablations"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # the table's row label, e.g. "w/o Keypoint Matching Loss"
+    set: Mapping[str, Any]  # the settings it changes on the method card (empty: the card as it is)
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    title: str
+    method: str  # a card name or card file
+    reference: str  # the variant every other one is compared with
+    variants: tuple[Variant, ...]
+    kinds: tuple[str, ...] = KINDS
+    metrics: tuple[str, ...] = PAPER_METRICS
+    paper: str = ""  # where the paper reports it, e.g. "Table 4"
+    path: Path | None = None
+
+
+def component_names() -> list[str]:
+    return sorted(p.stem for p in components_dir().glob("*.yaml"))
+
+
+def load_component(name_or_path: str) -> Component:
+    """A component by name (methods/ablations/NAME.yaml) or by YAML path, checked whole."""
+    from .metrics.registry import column_spec
+    from .userfiles import load_yaml, read_text
+
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        path = components_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown ablation component {name_or_path!r} (known: {', '.join(component_names())}, "
+                            f"{ALL})", hint="give a name from `relbench ablate --list`, or a component YAML file")
+    data = load_yaml(read_text(path), path)
+
+    def bad(what: str) -> UserError:
+        return UserError(f"ablation component: {what}", path=path,
+                         hint="see methods/ablations/kml.yaml for the format")
+
+    if not isinstance(data, dict):
+        raise bad("the file must hold a mapping")
+    unknown = sorted(set(data) - COMPONENT_KEYS)
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(COMPONENT_KEYS))})")
+    for key in ("component", "title", "method", "reference"):
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise bad(f"`{key}` must be a non-empty text")
+    raw = data.get("variants")
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise bad("`variants` must list at least two rows")
+    variants = []
+    for n, v in enumerate(raw, 1):
+        if not isinstance(v, dict) or not isinstance(v.get("name"), str) or set(v) - {"name", "set"}:
+            raise bad(f"variant {n} must be a mapping with `name` (text) and `set` (settings)")
+        settings = v.get("set") or {}
+        if not isinstance(settings, dict):
+            raise bad(f"variant {v['name']!r}: `set` must be a mapping of settings")
+        variants.append(Variant(v["name"], dict(settings)))
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise bad("two variants share a name")
+    if data["reference"] not in names:
+        raise bad(f"reference {data['reference']!r} is not one of the variants ({', '.join(names)})")
+    kinds = tuple(data.get("kinds") or KINDS)
+    if not set(kinds) <= set(KINDS) or len(set(kinds)) != len(kinds):
+        raise bad(f"`kinds` must be some of {', '.join(KINDS)}, got {list(kinds)}")
+    metrics = tuple(data.get("metrics") or PAPER_METRICS)
+    for metric in metrics:
+        try:
+            column_spec(metric)
+        except (KeyError, UserError):
+            raise bad(f"unknown metric {metric!r} (see `relbench metrics`)") from None
+    return Component(name=data["component"], title=data["title"], method=data["method"], reference=data["reference"],
+                     variants=tuple(variants), kinds=kinds, metrics=metrics, paper=str(data.get("paper") or ""),
+                     path=path)
+
+
+def load_components(names: Sequence[str]) -> list[Component]:
+    """The components named (ALL: every one in methods/ablations/), each once, in order."""
+    wanted: list[str] = []
+    for name in names:
+        for part in (p.strip() for p in name.split(",")):
+            if part:
+                wanted += component_names() if part == ALL else [part]
+    if not wanted:
+        raise UserError("no ablation component given", hint=f"--component NAME (one of {', '.join(component_names())}, "
+                                                             f"or {ALL})")
+    return [load_component(n) for n in dict.fromkeys(wanted)]
+
+
+def set_strings(values: Mapping[str, Any]) -> list[str]:
+    """Settings -> `--set KEY=VALUE` texts that read back to the same values (YAML)."""
+    out = []
+    for key, value in values.items():
+        text = value if isinstance(value, str) else json.dumps(value) if not isinstance(value, float) else repr(value)
+        out.append(f"{key}={text}")
+    return out
+
+
+# -- the plan ---------------------------------------------------------------------------------
+@dataclass
+class AblateOptions:
+    components: Sequence[str]  # names or YAML paths; "all"
+    suite: str = "relationbench"
+    backbone: str = "sdxl"
+    weights: dict[str, str] = field(default_factory=dict)
+    set_values: Sequence[str] = ()  # --set KEY=VALUE for every variant (a variant's own win)
+    cases: Sequence[str] = ()
+    limit: int | None = None  # the first N cases of each kind
+    images_per_case: int | None = None  # None: the suite's
+    batch_size: int = 1
+    data: str | Path | None = None  # relation triplets to train lacking LoRAs on (tiny: example triplets)
+    out: str | Path = "results"  # runs in OUT/<suite>/..., tables in OUT/ablations/<suite>/...
+    data_dir: str | Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    protocol: str = "paper"
+    clip: str = "ViT-B-32"
+    n_boot: int = 1000
+    seed: int = 0
+    dry_run: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class Run:
+    """One run folder the ablation needs, with the cases of every row that uses it."""
+    method: str  # the component's card name or file
+    card: Any  # MethodCard (the variant)
+    set_values: list[str]
+    run_dir: Path
+    cases: list[Case]
+
+
+@dataclass
+class Row:
+    variant: Variant
+    run: Run
+
+
+@dataclass
+class Plan:
+    suite: Any  # Suite
+    per_case: int
+    runs: dict[str, Run]  # card name -> run
+    tables: list[tuple[Component, list[Row], list[Case], Path]]  # component, rows, its cases, its folder
+
+
+def _select(suite, opts: AblateOptions, kinds: Sequence[str]) -> list[Case]:
+    """The suite's cases (--cases, else all) of `kinds`, the first --limit of each kind."""
+    from .generate import select_cases
+
+    base = select_cases(suite, opts.cases)  # checks the ids
+    if opts.limit is not None and opts.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {opts.limit}")
+    chosen = {c.id for kind in kinds for c in [c for c in base if c.kind == kind][: opts.limit]}
+    return [c for c in base if c.id in chosen]
+
+
+def make_plan(opts: AblateOptions) -> Plan:
+    """Every check, nothing written: the components, their variants as cards, the runs."""
+    from .backbones import get_backbone
+    from .generate import default_out
+
+    components = load_components(opts.components)
+    suite = load_suite(opts.suite)
+    if (opts.images_per_case is not None and opts.images_per_case < 1) or opts.batch_size < 1:
+        raise UserError("--images-per-case and --batch-size must be at least 1")
+    per_case = opts.images_per_case or suite.images_per_case
+    backbone = get_backbone(opts.backbone, opts.weights)
+    registry = default_registry()
+    common = parse_set(opts.set_values)
+    runs: dict[str, Run] = {}
+    tables = []
+    for component in components:
+        cases = _select(suite, opts, component.kinds)
+        if not cases:
+            raise UserError(f"component {component.name}: no {' or '.join(component.kinds)} case selected",
+                            path=component.path, hint="check --cases and --limit")
+        rows = []
+        for variant in component.variants:
+            strings = [*opts.set_values, *set_strings(variant.set)]
+            try:
+                card = registry.card(component.method, {**common, **parse_set(set_strings(variant.set))})
+            except UserError as exc:
+                raise UserError(f"component {component.name}, variant {variant.name!r}: {exc.message}",
+                                path=component.path, hint=exc.hint) from None
+            run = runs.get(card.name)
+            if run is None:
+                run = runs[card.name] = Run(component.method, card, strings, default_out(suite.name, card.name, backbone.name, opts.out), [])
+            run.cases += [c for c in cases if c not in run.cases]
+            rows.append(Row(variant, run))
+        folder = default_out(suite.name, component.name, backbone.name, Path(opts.out) / "ablations")
+        tables.append((component, rows, cases, folder))
+    order = {c.id: i for i, c in enumerate(suite.cases)}
+    for run in runs.values():
+        run.cases.sort(key=lambda c: order[c.id])
+    return Plan(suite, per_case, runs, tables)
+
+
+# -- what exists ------------------------------------------------------------------------------
+@dataclass
+class RunStatus:
+    images: int  # selected images the run holds
+    total: int
+    scored: int  # of them, scored with the ablation's protocol and encoders
+    loras: dict[str, str | None] | None  # relation -> its LoRA in the bank (None: lacking); None: no LoRAs
+
+
+def _score_options(opts: AblateOptions, paths: Sequence[Path], metrics: Sequence[str]):
+    from .score import ScoreOptions
+
+    return ScoreOptions(paths=list(paths), metrics=",".join(metrics), protocol=opts.protocol, clip=opts.clip,
+                        device=opts.device, data_dir=opts.data_dir, quiet=opts.quiet)
+
+
+def run_status(run: Run, plan: Plan, opts: AblateOptions, metrics: Sequence[str]) -> RunStatus:
+    """What the run folder and the LoRA bank hold of what this ablation needs (reads only)."""
+    from .runs import RunDir
+    from .score import scored_images
+
+    wanted = {(c.id, k) for c in run.cases for k in range(plan.per_case)}
+    folder = RunDir(run.run_dir)
+    have = folder.finished() & wanted
+    scored = (scored_images(run.run_dir, _score_options(opts, [run.run_dir], metrics)) & have
+              if folder.is_run() else set())
+    return RunStatus(len(have), len(wanted), len(scored), _lora_status(run, opts))
+
+
+def _lora_status(run: Run, opts: AblateOptions) -> dict[str, str | None] | None:
+    """relation -> the bank's LoRA these settings sample with, for methods with a LoRA bank."""
+    import torch
+
+    from .backbones import get_backbone
+    from .data import data_root
+    from .methods import Context
+    from .methods.relationbooth.selection import RelationLoRASampling, relation_key
+
+    if not issubclass(run.card.adapter_class(), RelationLoRASampling):
+        return None
+    backbone = get_backbone(opts.backbone, opts.weights)
+    method = run.card.build(Context(backbone=backbone, device="cpu", dtype=torch.float32,
+                                    data_root=data_root(opts.data_dir), quiet=True))
+    selection = method.selection()
+    return {r: selection.find(r) for r in sorted({relation_key(c.relation) for c in run.cases if c.relation})}
+
+
+# -- doing it ---------------------------------------------------------------------------------
+@dataclass
+class StageCounts:
+    trained: int = 0  # LoRAs
+    generated: int = 0  # images
+    scored: int = 0  # images
+
+
+@dataclass
+class AblateSummary:
+    plan: Plan
+    status: dict[str, RunStatus]  # card name -> before anything ran
+    counts: StageCounts
+    written: list[Path]
+    tables: dict[str, str]  # component -> its markdown table
+    seconds: float
+    main: bool = True
+
+
+def ablate(opts: AblateOptions) -> AblateSummary:
+    """Plan, then per run: train what the bank lacks, generate what the run lacks, score what
+    is unscored; then write each component's table, charts and paired comparison. With
+    `dry_run`, only the plan and what exists."""
+    from .generate import Shard
+
+    start = time.perf_counter()
+    plan = make_plan(opts)
+    metrics = list(dict.fromkeys(m for component, *_ in plan.tables for m in component.metrics))
+    status = {name: run_status(run, plan, opts, metrics) for name, run in plan.runs.items()}
+    counts = StageCounts()
+    if opts.dry_run:
+        return AblateSummary(plan, status, counts, [], {}, time.perf_counter() - start)
+    lacking = {name: [r for r, lora in (s.loras or {}).items() if lora is None] for name, s in status.items()}
+    if opts.data is None and opts.backbone != "tiny" and any(lacking.values()):
+        listing = "; ".join(f"{name}: {', '.join(rel)}" for name, rel in lacking.items() if rel)
+        raise UserError(f"the LoRA bank lacks RelationLoRAs these variants sample with ({listing})",
+                        hint="pass --data DIR (relation triplets) to train them, or import released ones with "
+                             "`relbench lora import`")
+    shard = Shard()
+    for name, run in plan.runs.items():
+        s = shard.share(status[name])
+        if opts.data is not None and any(lacking[name]):
+            counts.trained += _train(run, opts, lacking[name])
+        if s.images < s.total:
+            counts.generated += _generate(run, plan, opts)
+            if opts.data is None and any(lacking[name]):  # the tiny backbone trained them on example triplets
+                now = _lora_status(run, opts) or {}
+                counts.trained += sum(1 for r in lacking[name] if now.get(r))
+        shard.barrier()
+        if shard.main and run_status(run, plan, opts, metrics).scored < s.total:
+            counts.scored += _score(run, opts, metrics)
+        shard.barrier()
+    written, tables = [], {}
+    if shard.main:
+        for component, rows, cases, folder in plan.tables:
+            paths, markdown = write_ablation(component, rows, cases, plan, folder, opts)
+            written += paths
+            tables[component.name] = markdown
+    return AblateSummary(plan, status, counts, written, tables, time.perf_counter() - start, main=shard.main)
+
+
+def _train(run: Run, opts: AblateOptions, relations: Sequence[str]) -> int:
+    from .train import TrainOptions, train
+
+    summary = train(TrainOptions(data=opts.data, method=run.method,
+                                 relations=list(relations), backbone=opts.backbone, weights=opts.weights,
+                                 set_values=run.set_values, device=opts.device, dtype=opts.dtype, resume=True,
+                                 quiet=opts.quiet))
+    return len(summary.trained)
+
+
+def _generate(run: Run, plan: Plan, opts: AblateOptions) -> int:
+    from .generate import GenerateOptions, generate
+
+    summary = generate(GenerateOptions(
+        method=run.method, set_values=run.set_values,
+        suite=opts.suite, backbone=opts.backbone, weights=opts.weights, cases=[c.id for c in run.cases],
+        images_per_case=plan.per_case, batch_size=opts.batch_size, out=str(run.run_dir), device=opts.device,
+        dtype=opts.dtype, data_dir=opts.data_dir, quiet=opts.quiet))
+    return summary.generated
+
+
+def _score(run: Run, opts: AblateOptions, metrics: Sequence[str]) -> int:
+    from .score import score
+
+    summary = score(_score_options(opts, [run.run_dir], metrics))
+    if summary.failures:
+        path, why = summary.failures[0]
+        raise UserError(f"{len(summary.failures)} image(s) of {run.run_dir} could not be scored (e.g. {why})",
+                        path=Path(path), hint="regenerate or remove them, then rerun `relbench ablate`")
+    return summary.scored
+
+
+# -- the tables -------------------------------------------------------------------------------
+def write_ablation(component: Component, rows: Sequence[Row], cases: Sequence[Case], plan: Plan, folder: Path,
+                   opts: AblateOptions) -> tuple[list[Path], str]:
+    """table.{md,csv,tex}, paired.{md,csv}, charts/<metric>.{png,svg} and ablation.json into
+    `folder`, from the rows' scores of `cases` (samples 0 .. per_case - 1). Returns the files
+    and the markdown table."""
+    from .report.ablation_tables import ablation_frames, paired_markdown, table_latex, table_markdown
+    from .report.charts import bar_chart
+
+    table, paired, digits = ablation_frames(component, rows, cases, plan.per_case, opts)
+    folder.mkdir(parents=True, exist_ok=True)
+    title = f"{component.title}" + (f" (paper {component.paper})" if component.paper else "")
+    markdown = table_markdown(component, table, digits, title)
+    files = {
+        "table.md": markdown + "\n" + paired_markdown(component, paired, digits),
+        "table.csv": table.to_csv(index=False, lineterminator="\n"),
+        "table.tex": table_latex(component, table, digits, title),
+        "paired.csv": paired.to_csv(index=False, lineterminator="\n"),
+    }
+    written = []
+    for name, text in files.items():
+        atomic_write_text(folder / name, text)
+        written.append(folder / name)
+    for metric in component.metrics:
+        written += bar_chart(table[table["metric"] == metric], metric, [v.name for v in component.variants],
+                             folder / "charts" / metric, title=title)
+    meta = {
+        "component": component.name, "title": component.title, "paper": component.paper,
+        "component_file": str(component.path) if component.path else None,
+        "suite": plan.suite.name, "backbone": opts.backbone, "method": component.method,
+        "reference": component.reference, "kinds": list(component.kinds), "metrics": list(component.metrics),
+        "cases": [c.id for c in cases], "images_per_case": plan.per_case,
+        "protocol": opts.protocol, "clip": opts.clip, "bootstrap": opts.n_boot, "seed": opts.seed,
+        "variants": [{"name": r.variant.name, "set": dict(r.variant.set), "card": r.run.card.name,
+                      "run_dir": _relative(r.run.run_dir, folder), "run": _run_label(r.run.run_dir)} for r in rows],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(folder / ABLATION_JSON, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    written.append(folder / ABLATION_JSON)
+    return written, markdown
+
+
+def _relative(path: Path, start: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
+
+
+def _run_label(run_dir: Path) -> str:
+    from .report.aggregate import run_label
+
+    return run_label(run_dir) if Path(run_dir).is_dir() else Path(run_dir).name
+
+
+def status_rows(summary: AblateSummary) -> list[list[str]]:
+    """The dry-run listing: per run, what it is for and what exists of each stage."""
+    uses: dict[str, list[str]] = {}
+    for component, rows, _, _ in summary.plan.tables:
+        for row in rows:
+            uses.setdefault(row.run.card.name, []).append(f"{component.name}: {row.variant.name}")
+    out = []
+    for name, run in summary.plan.runs.items():
+        s = summary.status[name]
+        if s.loras is None:
+            train = "–"
+        else:
+            lacking = [r for r, lora in s.loras.items() if lora is None]
+            train = (f"{len(s.loras) - len(lacking)}/{len(s.loras)} in bank"
+                     + (f"; to train: {', '.join(lacking)}" if lacking else ""))
+        out.append([name, "; ".join(uses[name]), str(run.run_dir), train, f"{s.images}/{s.total}",
+                    f"{s.scored}/{s.total}"])
+    return out
+
