@@ -121,7 +121,7 @@ def load_component(name_or_path: str) -> Component:
     for metric in metrics:
         try:
             column_spec(metric)
-        except (KeyError, UserError):
+        except KeyError:
             raise bad(f"unknown metric {metric!r} (see `relbench metrics`)") from None
     return Component(name=data["component"], title=data["title"], method=data["method"], reference=data["reference"],
                      variants=tuple(variants), kinds=kinds, metrics=metrics, paper=str(data.get("paper") or ""),

@@ -95,7 +95,16 @@ def family_columns(family: str) -> tuple[ColumnSpec, ...]:
 
 def column_spec(name: str) -> ColumnSpec:
     """The spec of a column by name (KeyError if no metric writes it)."""
-    return next(c for m in METRICS.values() for c in m.columns if c.name == name)
+    return column_metric(name)[1]
+
+
+def column_metric(name: str) -> tuple[MetricSpec, ColumnSpec]:
+    """(the metric that writes a column, the column's spec); KeyError if none does."""
+    for m in METRICS.values():
+        for c in m.columns:
+            if c.name == name:
+                return m, c
+    raise KeyError(name)
 
 
 FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(m.family for m in METRICS.values()))

@@ -16,7 +16,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from ..metrics.protocols import PROTOCOLS
-from ..metrics.registry import PAPER, column_spec
+from ..metrics.registry import PAPER, column_metric, column_spec
 from ..runs import FAMILY_GROUP, SCORE_GROUP
 from .aggregate import compare, load_scores, summarize
 from .leaderboard import Cell, _fmt, _marks, _md_cell, _tex_tabular, tex_escape
@@ -32,12 +32,7 @@ KIND_TITLES = {"single": "Single-object", "multi": "Multi-object"}
 
 
 def _family(metric: str) -> str:
-    from ..metrics.registry import METRICS
-
-    for spec in METRICS.values():
-        if any(c.name == metric for c in spec.columns):
-            return spec.family
-    raise KeyError(metric)
+    return column_metric(metric)[0].family
 
 
 def _scores(run_dir, family: str, group: tuple[str, ...], cases: set[str], per_case: int) -> pd.DataFrame:

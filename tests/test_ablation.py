@@ -1,0 +1,270 @@
+"""`relbench ablate`: components as data, variants as runs, every stage resumable, and the
+table's numbers checked against an independent computation from the runs' scores."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from relationbench.ablation import (AblateOptions, ablate, component_names, load_component, make_plan,
+                                    set_strings, write_ablation)
+from relationbench.cli import cli
+from relationbench.methods.cards import default_registry, parse_set
+from relationbench.runs import SCORE_COLUMNS, RunDir
+from relationbench.score import ScoreIds, ScoreOptions
+
+from .score_runs import make_references, make_run
+
+CASES = "rb-s-006,rb-m-011"  # "ride": one single-subject and one multi-subject case
+
+
+def relbench(*args, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+# -- components ---------------------------------------------------------------------------
+def test_every_shipped_component_loads_and_its_variants_are_valid_cards():
+    registry = default_registry()
+    names = component_names()
+    assert {"kml", "local_tokens", "relation_data", "kml_weight", "local_token_count", "table4"} <= set(names)
+    for name in names:
+        c = load_component(name)
+        assert c.reference in [v.name for v in c.variants]
+        cards = [registry.card(c.method, parse_set(set_strings(v.set))).name for v in c.variants]
+        assert len(set(cards)) == len(cards), f"{name}: two rows would be one run"
+
+
+def test_table4_rows_are_the_papers():
+    c = load_component("table4")
+    assert [v.name for v in c.variants] == ["w/o Relation-aware Data", "w/o Local Token Injection",
+                                            "w/o Keypoint Matching Loss", "Full Model"]
+    assert [dict(v.set) for v in c.variants] == [{"relation_data": False}, {"local_tokens": 0}, {"kml_weight": 0},
+                                                 {}]
+    assert load_component("kml_weight").kinds == ("multi",)  # Table 6 reports multi-object only
+
+
+def test_set_strings_read_back_to_the_same_values():
+    values = {"kml_weight": 1e-4, "relation_data": False, "local_tokens": 0, "local_encoder": "stock", "x": None}
+    card = default_registry().card("relationbooth", parse_set(set_strings({k: v for k, v in values.items()
+                                                                           if k != "x"})))
+    resolved = card.resolve().values
+    assert resolved["kml_weight"] == 1e-4 and resolved["relation_data"] is False
+    assert resolved["local_tokens"] == 0 and resolved["local_encoder"] == "stock"
+    assert set_strings({"x": None}) == ["x=null"]
+
+
+@pytest.mark.parametrize("text, says", [
+    ("component: x\ntitle: t\nmethod: relationbooth\nreference: A\nvariants: [{name: A, set: {}}]\n",
+     "at least two rows"),
+    ("component: x\ntitle: t\nmethod: relationbooth\nreference: C\n"
+     "variants: [{name: A, set: {}}, {name: B, set: {kml_weight: 0}}]\n", "reference 'C' is not one of"),
+    ("component: x\ntitle: t\nmethod: relationbooth\nreference: A\n"
+     "variants: [{name: A, set: {}}, {name: A, set: {kml_weight: 0}}]\n", "two variants share a name"),
+    ("component: x\ntitle: t\nmethod: relationbooth\nreference: A\nmetrics: [clip_z]\n"
+     "variants: [{name: A, set: {}}, {name: B, set: {kml_weight: 0}}]\n", "unknown metric 'clip_z'"),
+    ("component: x\ntitle: t\nmethod: relationbooth\nreference: A\ncolour: red\n"
+     "variants: [{name: A, set: {}}, {name: B, set: {kml_weight: 0}}]\n", "unknown key(s) colour"),
+    ("component: x\ntitle: t\nmethod: relationbooth\nreference: A\nkinds: [triple]\n"
+     "variants: [{name: A, set: {}}, {name: B, set: {kml_weight: 0}}]\n", "`kinds` must be"),
+])
+def test_a_bad_component_file_is_one_clear_error(tmp_path, text, says):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    result = relbench("ablate", "--component", path, "--backbone", "tiny", "--dry-run", ok=False)
+    assert result.exit_code == 2
+    assert says in result.output and str(path) in result.output
+
+
+def test_a_bad_setting_names_the_component_and_variant(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("component: mine\ntitle: t\nmethod: relationbooth\nreference: A\n"
+                    "variants: [{name: A, set: {}}, {name: B, set: {kml_weight: lots}}]\n")
+    result = relbench("ablate", "--component", path, "--backbone", "tiny", "--dry-run", ok=False)
+    assert result.exit_code == 2
+    assert "component mine, variant 'B'" in result.output and "kml_weight" in result.output
+
+
+def test_unknown_component_lists_the_known_ones():
+    result = relbench("ablate", "--component", "kmll", "--backbone", "tiny", ok=False)
+    assert result.exit_code == 2 and "unknown ablation component 'kmll'" in result.output and "kml_weight" in result.output
+
+
+# -- the plan -----------------------------------------------------------------------------
+def test_plan_shares_a_run_between_components_and_selects_each_components_kinds(tmp_path):
+    plan = make_plan(AblateOptions(components=["kml", "kml_weight"], backbone="tiny", limit=2, out=tmp_path))
+    assert set(plan.runs) == {"relationbooth", "relationbooth[kml_weight=0.0]", "relationbooth[kml_weight=0.01]",
+                              "relationbooth[kml_weight=0.0001]"}
+    full = plan.runs["relationbooth"]
+    assert full.run_dir == tmp_path / "relationbench" / "relationbooth@tiny"
+    # the full model serves kml (2 single + 2 multi) and kml_weight (its 2 multi: the same ones)
+    assert [c.kind for c in full.cases] == ["single", "single", "multi", "multi"]
+    assert {c.kind for c in plan.runs["relationbooth[kml_weight=0.01]"].cases} == {"multi"}
+    folders = [folder for *_, folder in plan.tables]
+    assert folders == [tmp_path / "ablations" / "relationbench" / "kml@tiny",
+                       tmp_path / "ablations" / "relationbench" / "kml_weight@tiny"]
+
+
+def test_all_is_every_component_once(tmp_path):
+    plan = make_plan(AblateOptions(components=["all", "kml"], backbone="tiny", limit=1, out=tmp_path))
+    assert [c.name for c, *_ in plan.tables] == component_names()
+
+
+# -- the numbers --------------------------------------------------------------------------
+def _scores_csv(run: Path, values: dict[tuple[str, int], float], group: tuple[str, ...], kinds: dict[str, str],
+                extra_group: tuple[str, ...] | None = None) -> None:
+    """scores.csv with clip_t = clip_r = clip_i = dino = the given value per image (and, with
+    extra_group, the same images again under another score group, scored 1000)."""
+    sha = {(r["case_id"], r["index"]): r["sha256"] for r in RunDir(run).latest().values()}
+    rows = []
+    for g, shift in ((group, 0.0), *(((extra_group, 1000.0),) if extra_group else ())):
+        for (case, index), v in values.items():
+            rows.append({**{c: "" for c in SCORE_COLUMNS}, "case_id": case, "index": index, "kind": kinds[case],
+                         "clip_t": v + shift, "clip_r": v + shift, "clip_i": v + shift, "dino": v + shift,
+                         **dict(zip(("protocol", "clip_encoder", "dino_encoder"), g)),
+                         "image_sha256": sha[(case, index)]})
+    with open(run / "scores.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(SCORE_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_table_and_paired_numbers_are_the_case_means_of_the_selected_images(tmp_path):
+    cases = ["rb-s-006", "rb-s-001", "rb-m-011", "rb-m-014"]
+    opts = AblateOptions(components=["kml"], backbone="tiny", cases=[",".join(cases[:3])], images_per_case=2,
+                         out=tmp_path)
+    plan = make_plan(opts)
+    component, rows, selected, folder = plan.tables[0]
+    assert [c.id for c in selected] == ["rb-s-001", "rb-s-006", "rb-m-011"]  # suite order
+    group = ScoreIds(ScoreOptions(paths=[]))("paper", "tiny")
+    kinds = {c: "single" if "-s-" in c else "multi" for c in cases}
+    rng = np.random.default_rng(0)
+    truth = {}
+    for row in rows:
+        # 3 samples of 4 cases: sample 2 and case rb-m-014 are outside the selection
+        run = make_run(tmp_path, row.run.run_dir.name, cases, per_case=3)
+        values = {(c, k): float(rng.uniform(10, 30)) for c in cases for k in range(3)}
+        _scores_csv(run, values, group, kinds, extra_group=(group[0], "other-clip", group[2]))
+        truth[row.variant.name] = values
+    write_ablation(component, rows, selected, plan, folder, opts)
+    table = pd.read_csv(folder / "table.csv")
+    assert len(table) == 2 * 2 * 4  # variants x kinds x metrics
+    for variant, values in truth.items():
+        for kind, ids in (("single", ["rb-s-006", "rb-s-001"]), ("multi", ["rb-m-011"])):
+            case_means = [np.mean([values[(c, 0)], values[(c, 1)]]) for c in ids]
+            got = table[(table.variant == variant) & (table.kind == kind) & (table.metric == "clip_r")].iloc[0]
+            assert got["mean"] == pytest.approx(np.mean(case_means), abs=1e-9)
+            assert got["n_cases"] == len(ids) and got["n_images"] == 2 * len(ids)
+            if len(ids) > 1:
+                assert got["ci_low"] <= got["mean"] <= got["ci_high"]
+    paired = pd.read_csv(folder / "paired.csv")
+    assert set(paired.variant) == {"w/o Keypoint Matching Loss"} and set(paired.reference) == {"Full Model"}
+    a, b = truth["w/o Keypoint Matching Loss"], truth["Full Model"]
+    diffs = [np.mean([a[(c, k)] for k in (0, 1)]) - np.mean([b[(c, k)] for k in (0, 1)]) for c in ("rb-s-006", "rb-s-001")]
+    got = paired[(paired.kind == "single") & (paired.metric == "dino")].iloc[0]
+    assert got["diff"] == pytest.approx(np.mean(diffs), abs=1e-9) and got["n_cases"] == 2
+    assert min(diffs) <= got["ci_low"] <= got["ci_high"] <= max(diffs)
+    meta = json.loads((folder / "ablation.json").read_text())
+    assert meta["cases"] == ["rb-s-001", "rb-s-006", "rb-m-011"] and meta["images_per_case"] == 2
+    assert [v["name"] for v in meta["variants"]] == ["w/o Keypoint Matching Loss", "Full Model"]
+    assert (folder / meta["variants"][1]["run_dir"]).resolve() == rows[1].run.run_dir.resolve()
+    md = (folder / "table.md").read_text()
+    full = np.mean([np.mean([b[(c, 0)], b[(c, 1)]]) for c in ("rb-s-006", "rb-s-001")])
+    assert f"{full:.1f}" in md.split("| Full Model")[1].split("\n")[0]
+    for metric in component.metrics:
+        png, svg = folder / "charts" / f"{metric}.png", folder / "charts" / f"{metric}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and svg.read_text().lstrip().startswith("<?xml")
+    tex = (folder / "table.tex").read_text()
+    assert r"\multicolumn{4}{c}{Single-object}" in tex and "w/o Keypoint Matching Loss &" in tex
+
+
+def test_charts_are_reproducible(tmp_path):
+    from relationbench.report.charts import bar_chart
+
+    rows = pd.DataFrame({"variant": ["A", "B", "A", "B"], "kind": ["single", "single", "multi", "multi"],
+                         "mean": [20.0, 22.0, 18.0, 19.5], "ci_low": [19.0, 21.0, 17.0, 18.5],
+                         "ci_high": [21.0, 23.0, 19.0, 20.5]})
+    first = [p.read_bytes() for p in bar_chart(rows, "clip_t", ["A", "B"], tmp_path / "a")]
+    second = [p.read_bytes() for p in bar_chart(rows, "clip_t", ["A", "B"], tmp_path / "b")]
+    assert first == second
+    svg = first[1].decode()
+    assert svg.count("<g id=\"patch_") >= 4 and "A" in svg and "Single-object" in svg
+
+
+# -- end to end on tiny -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablate")
+    make_references(root / "data", ["rb-s-006", "rb-m-011"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RELBENCH_CACHE", str(root / "cache"))
+        mp.setenv("RELBENCH_DATA", str(root / "data"))
+        yield root
+    torch.set_num_threads(threads)
+
+
+ARGS = ["--component", "kml", "--backbone", "tiny", "--cases", CASES, "--images-per-case", "1",
+        "--set", "steps=2", "--bootstrap", "50", "--quiet"]
+
+
+def _images(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("images/*/*.png"))}
+
+
+def test_kml_on_tiny_end_to_end_resumes_after_a_kill_and_does_nothing_twice(env, monkeypatch):
+    import relationbench.ablation as ablation
+
+    out = env / "results"
+    dry = relbench("ablate", *ARGS, "--out", out, "--dry-run")
+    assert "0/1 in bank; to train: ride" in dry.output and "0/2" in dry.output
+    assert not out.exists()  # a dry run writes nothing
+
+    # killed while generating the second run: the first run's images stay, nothing is half-written
+    real, calls = ablation._generate, []
+
+    def dies_second(run, plan, opts):
+        calls.append(run.card.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(run, plan, opts)
+
+    monkeypatch.setattr(ablation, "_generate", dies_second)
+    relbench("ablate", *ARGS, "--out", out, ok=False)
+    monkeypatch.setattr(ablation, "_generate", real)
+    first = _images(out)
+    assert len(first) == 2 and not (out / "ablations").exists()
+
+    result = relbench("ablate", *ARGS, "--out", out)
+    # exactly the second run's LoRA and images: the first run was generated and scored before the kill
+    assert "1 LoRA(s) trained, 2 image(s) generated, 2 scored" in result.output
+    after = _images(out)
+    assert len(after) == 4 and all(after[k] == v for k, v in first.items())
+    folder = out / "ablations" / "relationbench" / "kml@tiny"
+    table = pd.read_csv(folder / "table.csv")
+    assert len(table) == 16 and table["n_cases"].eq(1).all() and table["mean"].notna().all()
+    assert "| w/o Keypoint Matching Loss" in result.output and "| Full Model" in result.output
+
+    again = relbench("ablate", *ARGS, "--out", out)
+    assert "0 LoRA(s) trained, 0 image(s) generated, 0 scored" in again.output
+    assert _images(out) == after
+    assert pd.read_csv(folder / "table.csv").equals(table)
+    dry = relbench("ablate", *ARGS, "--out", out, "--dry-run")
+    assert "1/1 in bank" in dry.output and dry.output.count("2/2") == 4  # images and scores of both runs
+
+
+def test_an_sdxl_ablation_without_loras_or_data_stops_before_any_work(env, tmp_path):
+    result = relbench("ablate", "--component", "kml", "--cases", CASES, "--out", tmp_path / "r", ok=False)
+    assert result.exit_code == 2
+    assert "lacks RelationLoRAs" in result.output and "ride" in result.output and "--data DIR" in result.output
+    assert not (tmp_path / "r").exists()
