@@ -268,3 +268,29 @@ def test_an_sdxl_ablation_without_loras_or_data_stops_before_any_work(env, tmp_p
     assert result.exit_code == 2
     assert "lacks RelationLoRAs" in result.output and "ride" in result.output and "--data DIR" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_ablate_under_accelerate_launch_with_two_cpu_processes(env, tmp_path):
+    """`accelerate launch` splits each run's cases between the processes, trains each LoRA
+    data-parallel, scores and writes the tables once."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "results"
+    env_vars = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RELBENCH_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "relationbench.cli",
+           "ablate", *ARGS, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env_vars, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("# Keypoint matching loss") == 1  # one process reports
+    for name in ("relationbooth[steps=2]@tiny", "relationbooth[kml_weight=0.0,steps=2]@tiny"):
+        run = RunDir(out / "relationbench" / name)
+        records = run.records()
+        keys = [(r["case_id"], r["index"]) for r in records]
+        assert len(keys) == len(set(keys)) == 2 and {r["rank"] for r in records} == {0, 1}
+        assert len(pd.read_csv(run.root / "scores.csv")) == 2
+    table = pd.read_csv(out / "ablations" / "relationbench" / "kml@tiny" / "table.csv")
+    assert len(table) == 16 and table["n_cases"].eq(1).all() and table["mean"].notna().all()
