@@ -281,7 +281,10 @@ def run_status(run: Run, plan: Plan, opts: AblateOptions, metrics: Sequence[str]
 
 
 def _lora_status(run: Run, opts: AblateOptions) -> dict[str, str | None] | None:
-    """relation -> the bank's LoRA these settings sample with, for methods with a LoRA bank."""
+    """relation -> the bank's LoRA trained with these settings (None: lacking), for methods
+    with a LoRA bank. Stricter than sampling's choice, which may take an imported LoRA (its
+    training settings unknown): an ablation row must be trained with its own settings, on the
+    data every row is trained on, or it would measure something else."""
     import torch
 
     from .backbones import get_backbone
@@ -295,7 +298,11 @@ def _lora_status(run: Run, opts: AblateOptions) -> dict[str, str | None] | None:
     method = run.card.build(Context(backbone=backbone, device="cpu", dtype=torch.float32,
                                     data_root=data_root(opts.data_dir), quiet=True))
     selection = method.selection()
-    return {r: selection.find(r) for r in sorted({relation_key(c.relation) for c in run.cases if c.relation})}
+    out = {}
+    for relation in sorted({relation_key(c.relation) for c in run.cases if c.relation}):
+        trained = [e for e in selection.candidates(relation) if e.info.get("settings_digest") == selection.digest]
+        out[relation] = max(trained, key=lambda e: (e.created, e.name)).name if trained else None
+    return out
 
 
 # -- doing it ---------------------------------------------------------------------------------
@@ -333,19 +340,16 @@ def ablate(opts: AblateOptions) -> AblateSummary:
     lacking = {name: [r for r, lora in (s.loras or {}).items() if lora is None] for name, s in status.items()}
     if opts.data is None and opts.backbone != "tiny" and any(lacking.values()):
         listing = "; ".join(f"{name}: {', '.join(rel)}" for name, rel in lacking.items() if rel)
-        raise UserError(f"the LoRA bank lacks RelationLoRAs these variants sample with ({listing})",
-                        hint="pass --data DIR (relation triplets) to train them, or import released ones with "
-                             "`relbench lora import`")
+        raise UserError(f"the LoRA bank lacks RelationLoRAs trained with these variants' settings ({listing})",
+                        hint="pass --data DIR (relation triplets): every row's LoRAs are trained on the same data "
+                             "with the row's own settings (imported LoRAs, whose settings are unknown, are not used)")
     shard = Shard()
     for name, run in plan.runs.items():
         s = shard.share(status[name])
-        if opts.data is not None and any(lacking[name]):
+        if lacking[name]:
             counts.trained += _train(run, opts, lacking[name])
         if s.images < s.total:
             counts.generated += _generate(run, plan, opts)
-            if opts.data is None and any(lacking[name]):  # the tiny backbone trained them on example triplets
-                now = _lora_status(run, opts) or {}
-                counts.trained += sum(1 for r in lacking[name] if now.get(r))
         shard.barrier()
         if shard.main and run_status(run, plan, opts, metrics).scored < s.total:
             counts.scored += _score(run, opts, metrics)
@@ -360,13 +364,22 @@ def ablate(opts: AblateOptions) -> AblateSummary:
 
 
 def _train(run: Run, opts: AblateOptions, relations: Sequence[str]) -> int:
+    """Train the run's lacking LoRAs on --data, or (tiny, no data) each on its example
+    triplets, the data the tiny backbone's own LoRAs train on; returns how many trained."""
+    from .data.example_triplets import cached_example_triplets
     from .train import TrainOptions, train
 
-    summary = train(TrainOptions(data=opts.data, method=run.method,
-                                 relations=list(relations), backbone=opts.backbone, weights=opts.weights,
-                                 set_values=run.set_values, device=opts.device, dtype=opts.dtype, resume=True,
-                                 quiet=opts.quiet))
-    return len(summary.trained)
+    if opts.data is not None:
+        sources = [(opts.data, list(relations))]
+    else:
+        sources = [(cached_example_triplets(r), [r]) for r in relations]
+    trained = 0
+    for data, names in sources:
+        summary = train(TrainOptions(data=data, method=run.method, relations=names, backbone=opts.backbone,
+                                     weights=opts.weights, set_values=run.set_values, device=opts.device,
+                                     dtype=opts.dtype, resume=True, quiet=opts.quiet))
+        trained += len(summary.trained)
+    return trained
 
 
 def _generate(run: Run, plan: Plan, opts: AblateOptions) -> int:

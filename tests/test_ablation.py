@@ -246,8 +246,9 @@ def test_kml_on_tiny_end_to_end_resumes_after_a_kill_and_does_nothing_twice(env,
     assert len(first) == 2 and not (out / "ablations").exists()
 
     result = relbench("ablate", *ARGS, "--out", out)
-    # exactly the second run's LoRA and images: the first run was generated and scored before the kill
-    assert "1 LoRA(s) trained, 2 image(s) generated, 2 scored" in result.output
+    # exactly the second run's images: both LoRAs were trained and the first run generated and
+    # scored before the kill
+    assert "0 LoRA(s) trained, 2 image(s) generated, 2 scored" in result.output
     after = _images(out)
     assert len(after) == 4 and all(after[k] == v for k, v in first.items())
     folder = out / "ablations" / "relationbench" / "kml@tiny"
@@ -294,3 +295,22 @@ def test_ablate_under_accelerate_launch_with_two_cpu_processes(env, tmp_path):
         assert len(pd.read_csv(run.root / "scores.csv")) == 2
     table = pd.read_csv(out / "ablations" / "relationbench" / "kml@tiny" / "table.csv")
     assert len(table) == 16 and table["n_cases"].eq(1).all() and table["mean"].notna().all()
+
+
+def test_an_imported_lora_does_not_stand_in_for_a_row(tmp_path):
+    """Sampling would take an imported LoRA (settings unknown) for a relation; an ablation row
+    counts only LoRAs trained with its own settings, so it trains one."""
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    loras = {"ride-imported": {"name": "ride-imported", "file": "ride-imported/w", "settings": {}, "base": {"name": "tiny"},
+                               "created": "2024-01-01T00:00:00+00:00", "info": {"relation": "ride"}}}
+    (bank / "index.json").write_text(json.dumps({"version": 1, "loras": loras}))
+    opts = AblateOptions(components=["kml"], backbone="tiny", cases=[CASES], images_per_case=1, out=tmp_path,
+                         set_values=[f"bank={bank}"], dry_run=True)
+    summary = ablate(opts)
+    assert [s.loras for s in summary.status.values()] == [{"ride": None}, {"ride": None}]
+    # while sampling would have taken it
+    from relationbench.methods.relationbooth.selection import RelationLoRAs
+    from relationbench.methods.lora.bank import LoraBank
+
+    assert RelationLoRAs(LoraBank(bank), "tiny", "any digest", default_bank=False).find("ride") == "ride-imported"

@@ -21,6 +21,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import UserError
+
 from .triplets import TripletSet, check_triplets, keypoints_record, load_triplets, new_folder, problems_error, \
     sample_files, write_manifest
 
@@ -190,3 +192,21 @@ def _draw(image: Image.Image, xy: np.ndarray, schema: str, colour) -> None:
 def _keypoints(xy: np.ndarray, schema: str, scores: bool) -> dict:
     """Pixel centres, normalized: (column + 0.5) / SIZE."""
     return keypoints_record((xy + 0.5) / SIZE, schema, np.ones(len(xy)) if scores else None)
+
+
+def cached_example_triplets(relation: str) -> Path:
+    """The example triplets of one relation in the cache ($RELBENCH_CACHE/relationbooth/
+    example-triplets/<relation>/, a triplet folder holding that relation only), written on
+    first use: what the tiny backbone's RelationLoRAs train on when no data is given. Safe
+    when another process (a launch, a parallel run) writes it at the same time."""
+    from ..paths import cache_root
+
+    folder = cache_root() / "relationbooth" / "example-triplets" / relation
+    manifest = folder / relation / "triplets.json"
+    try:
+        if not manifest.is_file():
+            write_example_triplets(folder, relations=[relation])
+    except (UserError, OSError):  # another process wrote it first
+        if not manifest.is_file():
+            raise
+    return folder
