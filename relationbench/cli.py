@@ -531,6 +531,64 @@ def train_local_encoder_cmd(images, backbone, weights, out, steps, set_values, r
         click.echo(f"use it with --weight local_encoder={result.checkpoint}")
 
 
+# -- ablate -------------------------------------------------------------------------------
+@cli.command("ablate")
+@click.option("--component", "components", multiple=True, metavar="NAME",
+              help="Ablation component (repeatable, comma-separated): a name from --list, `all`, or a YAML file.")
+@click.option("--list", "list_components", is_flag=True, help="List the components and their rows, then stop.")
+@click.option("--suite", default="relationbench", show_default=True)
+@_backbone_options
+@_set_option
+@click.option("--cases", multiple=True, help="Case ids (comma-separated, repeatable; default: every case).")
+@click.option("--limit", type=int, default=None, help="Only the first N cases of each kind the component uses.")
+@click.option("--images-per-case", type=int, default=None, help="Samples per case (default: the suite's).")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Relation triplets to train the LoRAs the variants lack (tiny: example triplets by default).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results"), show_default=True,
+              help="Results root: runs in OUT/SUITE/VARIANT, tables in OUT/ablations/SUITE/COMPONENT.")
+@_data_dir
+@click.option("--protocol", type=click.Choice(sorted(PROTOCOLS)), default="paper", show_default=True)
+@click.option("--clip", "clip_arch", type=click.Choice(list(CLIP_KEYS)), default="ViT-B-32", show_default=True)
+@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Show what would be trained, generated and scored, and what exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def ablate_cmd(components, list_components, suite, backbone, weights, set_values, cases, limit, images_per_case,
+               batch_size, data, out, data_dir, protocol, clip_arch, bootstrap, seed, device, dtype, dry_run, quiet):
+    """Ablate a component (paper Tables 4-7): its variants trained, generated, scored, tabled; rerun to resume."""
+    from tabulate import tabulate
+
+    from .ablation import AblateOptions, ablate, component_names, load_component, status_rows
+
+    if list_components:
+        for name in component_names():
+            c = load_component(name)
+            rows = ", ".join(v.name + (" (reference)" if v.name == c.reference else "") for v in c.variants)
+            click.echo(f"{name}: {c.title}{f' ({c.paper})' if c.paper else ''}; {'/'.join(c.kinds)}; {rows}")
+        return
+    summary = ablate(AblateOptions(
+        components=components, suite=suite, backbone=backbone, weights=_parse_pairs(weights, "--weight"),
+        set_values=set_values, cases=cases, limit=limit, images_per_case=images_per_case, batch_size=batch_size,
+        data=data, out=out, data_dir=data_dir, device=device, dtype=dtype, protocol=protocol, clip=clip_arch,
+        n_boot=bootstrap, seed=seed, dry_run=dry_run, quiet=quiet))
+    if not summary.main:
+        return
+    if dry_run:
+        click.echo(tabulate(status_rows(summary), headers=["run", "rows", "folder", "LoRAs", "images", "scored"]))
+        click.echo(f"{summary.plan.per_case} image(s) per case; tables would go to "
+                   + ", ".join(str(folder) for *_, folder in summary.plan.tables))
+        return
+    c = summary.counts
+    click.echo(f"{len(summary.plan.runs)} run(s): {c.trained} LoRA(s) trained, {c.generated} image(s) generated, "
+               f"{c.scored} scored ({summary.seconds:.1f} s)")
+    for markdown in summary.tables.values():
+        click.echo("\n" + markdown)
+    click.echo("written: " + ", ".join(str(p) for p in summary.written if p.suffix in (".md", ".json")))
+
+
 # -- convert ------------------------------------------------------------------------------
 @cli.group(cls=_Group)
 def convert():
@@ -682,6 +740,31 @@ def compare_cmd(run_a, run_b, bootstrap, seed):
     table = compare_runs(run_a, run_b, n_boot=bootstrap, seed=seed)
     click.echo(f"A = {run_a}\nB = {run_b}")
     click.echo(tabulate(table, headers="keys", showindex=False, floatfmt=".2f"))
+
+
+@cli.command("report")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The HTML file (default: PATH/report.html); thumbnails and sheets go into <name>_files/ beside it.")
+@_data_dir
+@click.option("--embed", is_flag=True, help="Thumbnails inside the page as data URIs (one file; for small runs).")
+@click.option("--sheets/--no-sheets", default=True, show_default=True, help="A PNG contact sheet per case.")
+@click.option("--page-size", type=click.IntRange(min=1), default=20, show_default=True, help="Cases per gallery page.")
+@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Bootstrap resamples for the leaderboard's CIs.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def report_cmd(path, out, data_dir, embed, sheets, page_size, bootstrap, quiet):
+    """One HTML page for the runs (and ablations) below PATH: leaderboard, ablation tables and
+    charts, and a gallery of every case with each run's samples and scores (filter, sort, worst
+    cases; the view is in the URL). Needs no network."""
+    from .report.html import ReportOptions, write_report
+
+    done = write_report(ReportOptions(path=path, out=out, data_dir=data_dir, embed=embed, sheets=sheets,
+                                      page_size=page_size, n_boot=bootstrap, quiet=quiet))
+    for warning in done.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"{done.page}: {done.runs} run(s), {done.cases} case(s), {done.images} image(s), "
+               f"{done.ablations} ablation(s); {done.thumbnails_made} thumbnail(s) made, {done.sheets} contact sheet(s)")
 
 
 @cli.command("metrics")

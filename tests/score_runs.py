@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -25,10 +26,11 @@ def photo(seed: int, size: int = 96) -> Image.Image:
 
 
 def make_run(root: Path, name: str, case_ids: list[str], per_case: int = 2, *, suite: str | Path = "relationbench",
-             backbone: str = "tiny", seed: int = 0, record_extra: dict | None = None) -> Path:
+             backbone: str = "tiny", seed: int = 0, record_extra: dict | None = None,
+             image: Callable[[str, int], Image.Image] | None = None) -> Path:
     """A finished run in root/<suite>/<name>: run.json, the suite's copy, one PNG and one manifest
     line per (case, sample). `suite`: a built-in suite's name or a suite file (recorded and kept
-    as generate does)."""
+    as generate does). image(case_id, k): the picture of a sample (default: a seeded photo())."""
     loaded = load_suite(suite)
     run = RunDir(root / loaded.name / name)
     suite_bytes = Path(loaded.path).read_bytes()
@@ -42,7 +44,8 @@ def make_run(root: Path, name: str, case_ids: list[str], per_case: int = 2, *, s
     for n, case_id in enumerate(case_ids):
         case = cases[case_id]
         for k in range(per_case):
-            file = run.save_image(case_id, k, photo(seed * 1000 + n * 10 + k))
+            picture = image(case_id, k) if image else photo(seed * 1000 + n * 10 + k)
+            file = run.save_image(case_id, k, picture)
             records.append({"case_id": case_id, "index": k, "seed": k, **file, "kind": case.kind,
                             "subjects": [s.name for s in case.subjects], "prompt": case.prompt,
                             **(record_extra or {})})

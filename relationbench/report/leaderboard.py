@@ -370,6 +370,23 @@ def leaderboard_dir(paths: Sequence[str | Path]) -> Path:
     )
 
 
+def report_tables(summary: pd.DataFrame, digits: int | None = None) -> tuple[list[Section], list[Extended]]:
+    """The tables of the HTML report, with intervals: the paper tables, the extended tables, and
+    for a suite with neither (a user's suite scored with the paper's metrics only) an extended
+    table of the paper's metrics per score group and kind."""
+    summary = summary.reindex(columns=list(SUMMARY_COLUMNS))
+    sections, extended = _sections(summary, True, digits), _extended(summary, digits)
+    shown = {s.table.suite for s in sections} | {e.suite for e in extended}
+    paper = summary[summary["metric"].isin(METRICS)]
+    for (suite, *group), rows in paper[~paper["suite"].isin(shown)].groupby(["suite", *GROUP], sort=True):
+        protocol = PROTOCOLS.get(group[0])
+        base = digits if digits is not None else (protocol.digits if protocol else 3)
+        kinds = [k for k in (*KINDS, *sorted(set(rows["kind"]) - {*KINDS, ALL})) if (rows["kind"] == k).any()]
+        for kind in kinds:
+            extended += _extended_section(suite, kind, tuple(group), (), rows, base, digits)
+    return sections, extended
+
+
 def build_leaderboard(runs: Sequence[str | Path], out_dir: str | Path, n_boot: int = 1000, seed: int = 0,
                       with_ci: bool = False) -> list[Path]:
     """Summarize every row of the runs' score files (old and new) and write the leaderboard files."""
