@@ -4,7 +4,9 @@
            from local folders given as overrides (`--weight sdxl=/path/to/folder`). Its
            `vae` part may be replaced too (`--weight vae=madebyollin/sdxl-vae-fp16-fix`, a
            VAE that does not overflow in fp16); without that, SDXL's own VAE. RelationBooth's
-           `local_encoder` is used only when given (`--weight local_encoder=clipself.pt`).
+           `local_encoder` is used only when given (`--weight local_encoder=clipself.pt`), and
+           `local_encoder_vit_l` / `local_encoder_eva_l` replace the open_clip weights of its
+           other local encoders (methods/relationbooth/local_encoders.py) when given.
     tiny   the same architectures at toy size with seeded random weights (see tiny.py): no
            files, no network. For tests and dry runs.
 """
@@ -85,8 +87,11 @@ PRESETS: dict[str, BackbonePreset] = {
         sdxl_parts=("vae",),
         # RelationBooth's local encoder (REFERENCE 2): a CLIPSelf-distilled CLIP ViT-bigG/14, an
         # open_clip checkpoint file (or a folder holding one; `relbench train-local-encoder`
-        # writes clipself.pt); without it the stock image_encoder (the training-free variant)
-        optional=("local_encoder",),
+        # writes clipself.pt); without it the stock image_encoder (the training-free variant).
+        # The open_clip ViT-L/14 and EVA-CLIP-L/14 local encoders (paper Table 5) as checkpoint files;
+        # without them open_clip's ViT-L-14/openai and EVA02-L-14/merged2b_s4b_b131k from the hub
+        # cache (their architecture and tag live in local_encoders.py, with the model)
+        optional=("local_encoder", "local_encoder_vit_l", "local_encoder_eva_l"),
     ),
     "tiny": BackbonePreset(
         name="tiny",

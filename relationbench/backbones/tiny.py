@@ -24,7 +24,8 @@ def seeded(seed: int, offset: int, make: Callable[[], M]) -> M:
     components (here), 11-12 the metric encoders (metrics/models.py), 21-22 MS-Diffusion's
     image encoder and adapter (methods/msdiffusion/), 31 the OWLv2 detector
     (metrics/detector.py), 41 the VQAScore VLM (metrics/vqa.py), 51-52 the data engine's SAM
-    and ViTPose+ (data/annotators.py).
+    and ViTPose+ (data/annotators.py), 61-62 RelationBooth's open_clip local encoders
+    (methods/relationbooth/local_encoders.py).
     """
     import torch
 

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Sequence
 import pandas as pd
 from tabulate import tabulate
 
-from ..metrics.protocols import PROTOCOLS
 from ..metrics.registry import PAPER, column_metric, column_spec
 from ..runs import FAMILY_GROUP, SCORE_GROUP
 from .aggregate import compare, load_scores, summarize
+from .gallery import digits as column_digits
 from .leaderboard import Cell, _fmt, _marks, _md_cell, _tex_tabular, tex_escape
 
 if TYPE_CHECKING:
@@ -85,9 +85,7 @@ def ablation_frames(component: "Component", rows: Sequence["Row"], cases: Sequen
                                    "metric": r.metric, "n_cases": r.n_cases, "mean_variant": r.mean_a,
                                    "mean_reference": r.mean_b, "diff": r.diff, "ci_low": r.ci_low,
                                    "ci_high": r.ci_high})
-    base = PROTOCOLS[opts.protocol].digits if opts.protocol in PROTOCOLS else 3
-    digits = {m: (column_spec(m).digits if _family(m) != PAPER and column_spec(m).digits is not None else base)
-              for m in component.metrics}
+    digits = {m: column_digits(m, opts.protocol) for m in component.metrics}
     order = {"kind": {k: i for i, k in enumerate(component.kinds)},
              "metric": {m: i for i, m in enumerate(component.metrics)},
              "variant": {v.name: i for i, v in enumerate(component.variants)}}

@@ -3,6 +3,7 @@
     BANK/index.json                               {"version": 1, "loras": {name: entry}}
     BANK/<name>/pytorch_lora_weights.safetensors  the trainer's output folder, as written
     BANK/<name>/lora_settings.json, loss.jsonl
+    BANK/<name>/modules.safetensors               extra modules trained with the LoRA, if any (trainer.py)
                                                   (an imported LoRA: the file and what is known of it)
 
 An entry records the file, the trainer settings, the base model (the backbone description)
@@ -168,6 +169,9 @@ class BankAdapters:
     extra work per step. The merged layers' base weights are kept and put back bit for bit
     when the LoRA is switched or closed (unfusing subtracts, which rounds: the shared pipeline
     must sample as before afterwards).
+
+    `modules(name)`: the weights of the extra modules trained with a LoRA (the trainer's
+    MODULES_NAME beside it), read once, for the caller to switch with the LoRA.
     """
 
     SLOT = "bank"  # the hotswap adapter name
@@ -179,6 +183,7 @@ class BankAdapters:
         self._states: dict[str, dict] = {}  # hotswap: each LoRA's tensors, read once
         self._disabled = False
         self._base: list[tuple[Any, Any]] | None = None  # fused: (base layer weight, its copy)
+        self._modules: dict[str, dict] = {}  # LoRA name -> its extra modules' tensors, read once
 
     def prepare(self, names: list[str]) -> None:
         """Load every LoRA a run needs before the first image (and before any compile)."""
@@ -253,6 +258,20 @@ class BankAdapters:
             self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
         self.loaded.append(name)
 
+    def modules(self, name: str | None) -> dict:
+        """{"<module>.<parameter>": tensor (CPU)} of the extra modules trained with LoRA `name`;
+        {} for None (the base model) or a LoRA trained without any."""
+        if name is None:
+            return {}
+        if name not in self._modules:
+            from safetensors.torch import load_file
+
+            from .trainer import MODULES_NAME
+
+            path = self.bank.weights(name).parent / MODULES_NAME
+            self._modules[name] = load_file(str(path)) if path.is_file() else {}
+        return self._modules[name]
+
     def close(self) -> None:
         """Remove every adapter this object added; with none left, the LoRA layers go too."""
         self._unfuse()
@@ -264,6 +283,7 @@ class BankAdapters:
                 self.pipe.unload_lora_weights()
         self.loaded, self.active, self._disabled = [], None, False
         self._states.clear()
+        self._modules.clear()
 
 
 class _quiet_diffusers:

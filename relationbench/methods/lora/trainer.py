@@ -11,6 +11,8 @@ and gets a folder in the diffusers LoRA format:
     out_dir/pytorch_lora_weights.safetensors   keys prefixed unet. (text_encoder., text_encoder_2.)
     out_dir/lora_settings.json                 trainer settings, targets and the caller's info
     out_dir/loss.jsonl                         one line per optimizer step: step, loss, lr, seconds
+    out_dir/modules.safetensors                only with `modules`: the caller's extra modules trained
+                                               with the LoRA, keys "<module>.<parameter>"
 
 Under `accelerate launch` every process trains the same LoRA on its own batches (its own
 generator); gradients are averaged across processes at each optimizer step, so all processes
@@ -40,6 +42,7 @@ from ...errors import UserError
 from .files import LOSS_LOG_NAME, SETTINGS_NAME, WEIGHT_NAME, read_loss_log, write_loss_log
 
 ADAPTER = "relbench-train"  # the adapter name while training; never saved
+MODULES_NAME = "modules.safetensors"  # the extra modules' weights beside the LoRA's (train_lora `modules`)
 PREFIXES = ("unet", "text_encoder", "text_encoder_2")  # the diffusers SDXL LoRA file's model prefixes
 NOT_LEARNED = ("checkpoint_every",)  # settings that change how a LoRA trains, not what it learns
 
@@ -123,6 +126,7 @@ def train_lora(
     out_dir: Path,
     *,
     also: Sequence[LoraTarget] = (),
+    modules: Mapping[str, torch.nn.Module] | None = None,
     info: Mapping[str, Any] | None = None,
     data_parallel: bool = True,
     progress: bool = True,
@@ -130,10 +134,14 @@ def train_lora(
 ) -> Path:
     """Train one LoRA on `model` (saved as unet.*) and the models in `also`; returns out_dir.
 
-    Resumes from the last checkpoint beside out_dir when one exists (same settings and number
-    of processes, or a UserError). `info` (JSON) is recorded in the settings file. The models
-    are left as they were: adapter removed, requires_grad and train/eval mode restored,
-    gradient checkpointing off again.
+    `modules` (name -> module, e.g. a projection the loss applies to its inputs): trained with
+    the LoRA, every parameter, in fp32, by the same optimizer (averaged, clipped and
+    checkpointed with it), the caller's initial values kept; saved as MODULES_NAME and named
+    with their shapes in the settings file. Resumes from the last checkpoint beside out_dir
+    when one exists (same settings and number of processes, or a UserError). `info` (JSON) is
+    recorded in the settings file. The models are left as they were: adapter removed,
+    requires_grad and train/eval mode restored, gradient checkpointing off again (the modules
+    keep their trained weights).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -144,6 +152,7 @@ def train_lora(
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists: a trained LoRA is never overwritten")
     targets = [LoraTarget(model, tuple(target_modules), "unet"), *also]
+    modules = dict(modules or {})
     # accelerate keeps one global state per process; this LoRA may ask for another precision,
     # so start from a fresh one (the process group of a launch, PartialState, is kept)
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -151,12 +160,15 @@ def train_lora(
     accelerator = Accelerator(mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation,
                               cpu=device.type == "cpu")
     record = {"settings": asdict(s), "targets": {t.prefix: list(t.modules) for t in targets}, "info": dict(info or {})}
+    if modules:
+        record["modules"] = {name: {k: list(p.shape) for k, p in m.named_parameters()} for name, m in modules.items()}
     record = json.loads(json.dumps(record))  # as read back from disk (tuples -> lists)
     group = Processes(accelerator, data_parallel)
     checkpoints = Checkpoints(checkpoint_folder(out_dir), record, group)
     generator = torch.Generator().manual_seed(rank_seed(s.seed, group.rank))
 
-    with _lora_attached(targets, s) as params:
+    with _lora_attached(targets, s) as params, _modules_trained(modules) as extra:
+        params.update(extra)
         optimizer = accelerator.prepare_optimizer(_optimizer(s, list(params.values())))
         start, log = checkpoints.resume(params, optimizer, generator)
         bar = tqdm(total=s.train_steps, initial=start, desc=desc, unit="step",
@@ -185,7 +197,7 @@ def train_lora(
                 if s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.train_steps:
                     checkpoints.save(step, params, optimizer, generator, log)
         if group.main:
-            _save_final(out_dir, targets, s, record, log)
+            _save_final(out_dir, targets, s, record, log, modules)
             checkpoints.remove()
         group.wait()
     return out_dir
@@ -284,6 +296,27 @@ def _lora_attached(targets: Sequence[LoraTarget], s: TrainerSettings) -> Iterato
                 p.requires_grad_(grads[name])
 
 
+@contextlib.contextmanager
+def _modules_trained(modules: Mapping[str, torch.nn.Module]) -> Iterator[dict[str, torch.nn.Parameter]]:
+    """Every parameter of the modules trainable in fp32, train mode; yields them by
+    "modules.<name>.<parameter>"; afterwards requires_grad and train/eval mode as before."""
+    saved = [(m, m.training, {n: p.requires_grad for n, p in m.named_parameters()}) for m in modules.values()]
+    try:
+        params = {}
+        for name, module in modules.items():
+            for key, p in module.named_parameters():
+                p.data = p.data.float()
+                p.requires_grad_(True)
+                params[f"modules.{name}.{key}"] = p
+            module.train()
+        yield params
+    finally:
+        for module, training, grads in saved:
+            module.train(training)
+            for key, p in module.named_parameters():
+                p.requires_grad_(grads[key])
+
+
 def _remove_lora_layers(model: torch.nn.Module) -> None:
     """Put back the original layers wherever peft injected LoRA wrappers."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -310,13 +343,17 @@ def lora_layers(target: LoraTarget, s: TrainerSettings) -> dict[str, torch.Tenso
 
 
 def _save_final(out_dir: Path, targets: Sequence[LoraTarget], s: TrainerSettings, record: dict,
-                log: list[dict]) -> None:
+                log: list[dict], modules: Mapping[str, torch.nn.Module]) -> None:
     from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     layers = {f"{t.prefix}_lora_layers": lora_layers(t, s) for t in targets}
     StableDiffusionXLPipeline.save_lora_weights(tmp, weight_name=WEIGHT_NAME, **layers)
+    if modules:
+        save_file({f"{name}.{k}": p.detach().float().cpu().contiguous()
+                   for name, m in modules.items() for k, p in m.named_parameters()}, str(tmp / MODULES_NAME))
     (tmp / SETTINGS_NAME).write_text(json.dumps(record, indent=2) + "\n")
     write_loss_log(tmp / LOSS_LOG_NAME, log)
     os.replace(tmp, out_dir)  # complete or absent: never a half-written LoRA

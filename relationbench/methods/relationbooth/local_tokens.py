@@ -4,15 +4,17 @@ tower, pooled over an evenly split grid, appended after MS-Diffusion's 257 image
     dense_features   the tower with its last block run value-only (MaskCLIP style), class token
                      dropped, post-layernorm, L2-normalized, no projection -> [B, h, w, D]
     pool_grid        an s x s grid of boxes (s = sqrt(count)), roi_align 1x1 -> [B, count, D]
-    LocalEncoder     a tower (the stock one, or a CLIPSelf-distilled one) + preprocessing
+    LocalEncoder     a tower (the stock one, a CLIPSelf-distilled one, or an open_clip ViT-L / EVA
+                     of local_encoders.py) + preprocessing
     local_encoder_identity / local_encoder_from / load_local_encoder   which tower: the
                      backbone's `local_encoder` weight when given, else the stock tower (the
                      training-free variant); never a silent switch
     openclip_to_hf / hf_to_openclip   the visual tower's weights between open_clip's layout
                      (CLIPSelf's checkpoints) and transformers' CLIPVisionModelWithProjection
 
-The towers are transformers CLIPVisionModel or CLIPVisionModelWithProjection (bigG/14 on sdxl:
-width 1664, 48 layers, patch 14; toy size on tiny).
+The bigG towers are transformers CLIPVisionModel or CLIPVisionModelWithProjection (bigG/14 on
+sdxl: width 1664, 48 layers, patch 14; toy size on tiny); local_encoders.py adds paper Table 5's
+other towers.
 """
 
 from __future__ import annotations
@@ -64,7 +66,16 @@ def dense_features(tower: torch.nn.Module, pixels: torch.Tensor, *, normalize: b
     Every encoder layer but the last runs as usual, the last value-only; the class token is
     dropped and post_layernorm applied; no projection. `normalize`: L2 over D, as the local
     tokens use them (REFERENCE 2); CLIPSelf's student pools them unnormalized (clipself.py).
+    The tower: transformers' CLIP (bigG), or open_clip's ViT-L / EVA (local_encoders.py).
     """
+    from .local_encoders import is_open_clip_tower, open_clip_dense
+
+    h = open_clip_dense(tower, pixels) if is_open_clip_tower(tower) else _clip_dense(tower, pixels)
+    return F.normalize(h, dim=-1) if normalize else h
+
+
+def _clip_dense(tower: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """dense_features of a transformers CLIP vision tower, unnormalized."""
     body = vision_body(tower)
     patch = body.embeddings.patch_size
     h = body.pre_layrnorm(body.embeddings(pixels, interpolate_pos_encoding=True))
@@ -73,8 +84,6 @@ def dense_features(tower: torch.nn.Module, pixels: torch.Tensor, *, normalize: b
         out = layer(h, None, causal_attention_mask=None)
         h = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
     h = body.post_layernorm(value_only_block(last, h)[:, 1:])
-    if normalize:
-        h = F.normalize(h, dim=-1)
     return h.reshape(h.shape[0], pixels.shape[-2] // patch, pixels.shape[-1] // patch, h.shape[-1])
 
 
@@ -129,15 +138,26 @@ class LocalEncoder:
     """A vision tower that turns reference images into local tokens.
 
     kind "stock": MS-Diffusion's own image encoder with the value-only last block (the
-    training-free variant); "clipself": a CLIPSelf-distilled tower read from `source`.
+    training-free variant); "clipself": a CLIPSelf-distilled tower read from `source`; or an
+    open_clip architecture of local_encoders.OPEN_CLIP_ENCODERS ("vit-l-14", "eva-clip-l-14").
     """
 
     def __init__(self, tower: torch.nn.Module, *, kind: str, resolution: int = LOCAL_RESOLUTION,
                  source: str | None = None, sha256: str | None = None):
-        if kind not in ("stock", "clipself"):
-            raise ValueError(f"kind must be stock or clipself, got {kind!r}")
+        from .local_encoders import OPEN_CLIP_ENCODERS
+
+        if kind not in ("stock", "clipself", *OPEN_CLIP_ENCODERS):
+            raise ValueError(f"kind must be stock or clipself, or an open_clip architecture "
+                             f"({', '.join(OPEN_CLIP_ENCODERS)}), got {kind!r}")
         self.tower, self.kind, self.resolution = tower, kind, resolution
         self.source, self.sha256 = source, sha256
+
+    @property
+    def width(self) -> int:
+        """D of the tokens: the tower's width (1664 for bigG, 1024 for ViT-L and EVA-L)."""
+        from .local_encoders import tower_width
+
+        return tower_width(self.tower)
 
     def describe(self) -> dict[str, Any]:
         """What run.json and bank keys record: which tower made the tokens, at what size."""

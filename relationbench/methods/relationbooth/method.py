@@ -9,7 +9,10 @@ folder and LoRA relation "shake_hands_with"), and each relation's LoRA is the ba
 for it on this backbone trained with these settings (selection.py). Both read each reference
 as its 257 image tokens followed by `local_tokens` pooled dense tokens of the local encoder
 (local_tokens.py, paper 3.4.3): the stock bigG tower (training-free) unless a CLIPSelf
-checkpoint is given as `--weight local_encoder=PATH`; run.json says which.
+checkpoint is given as `--weight local_encoder=PATH`, or (`local_encoder`, paper Table 5)
+open_clip's ViT-L/14 or EVA-CLIP-L/14 (local_encoders.py), whose 1024-d tokens reach the
+resampler through a `local_projection` trained with each RelationLoRA and switched with it;
+run.json says which.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from ..lora.trainer import NOT_LEARNED, TrainerSettings
 from ..msdiffusion import MSDiffusionMethod, MSDiffusionSettings
 from ..msdiffusion.method import REFERENCE_SIZE
 from .kml import KMLSettings
+from .local_encoders import (OPEN_CLIP_ENCODERS, PROJECTION, PROJECTION_INIT, load_open_clip_tower,
+                             open_clip_identity, projection_from)
 from .local_tokens import (LOCAL_RESOLUTION, LOCAL_TOKEN_COUNTS, WEIGHT_KEY, LocalEncoder, local_encoder_from,
                            local_encoder_identity)
 from .selection import RelationLoRASampling, relation_key  # noqa: F401  (relation_key: public here too)
@@ -36,7 +41,8 @@ from .selection import RelationLoRASampling, relation_key  # noqa: F401  (relati
 if TYPE_CHECKING:
     from ...data.triplets import TripletSample
 
-LOCAL_ENCODERS = ("auto", "stock", "clipself")
+LOCAL_ENCODERS = ("auto", "stock", "clipself", *OPEN_CLIP_ENCODERS)  # + "vit-l-14", "eva-clip-l-14"
+_UNSET = object()  # no projection chosen yet (use_projection)
 BLANK = (255, 255, 255)  # the blank image prompt of the "w/o relation-aware data" ablation
 
 
@@ -65,7 +71,8 @@ class RelationBoothSettings(MSDiffusionSettings, TrainerSettings):
     # local token injection (paper 3.4.3, Tables 5 and 7): in training and sampling
     local_tokens: int = 16  # pooled dense tokens per reference after its 257; 0: none (1, 4, 16, 64)
     local_resolution: int = LOCAL_RESOLUTION  # side the local encoder sees (authors' code: 64 x 64 tokens on bigG/14)
-    local_encoder: str = "auto"  # auto: the CLIPSelf checkpoint if given (--weight local_encoder), else stock
+    local_encoder: str = "auto"  # auto: the CLIPSelf checkpoint if given (--weight local_encoder), else stock;
+    # Table 5: vit-l-14, eva-clip-l-14 (open_clip; --weight local_encoder_vit_l / local_encoder_eva_l)
     # ablation (paper Table 4): False trains on (x, c_t) with blank image prompts (and so no KML)
     relation_data: bool = True
     bank: str | None = None  # the LoRA bank generation reads (and `relbench train` writes); None: the default
@@ -112,16 +119,24 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
     def __init__(self, settings: RelationBoothSettings, context: Context):
         super().__init__(settings, context)
         self._local: LocalEncoder | None = None
+        # an open_clip local encoder: its tokens' projection (None: none, the base model's
+        # group), the LoRA it came with, and each file's features before it (encode_features)
+        self._projection: torch.nn.Module | None = None
+        self._projection_lora: Any = _UNSET
+        self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- local tokens ----------------------------------------------------------------------------
     @cached_property
     def local_identity(self) -> dict[str, Any] | None:
         """Which local encoder the settings use, known before loading anything: None (no local
-        tokens), {"kind": "stock"} or {"kind": "clipself", "source", "sha256"}. Raises a
-        UserError for local_encoder "clipself" without a checkpoint."""
+        tokens), {"kind": "stock"}, {"kind": "clipself", "source", "sha256"} or an open_clip
+        architecture's (open_clip_identity), each with its "resolution". Raises a UserError
+        for local_encoder "clipself" without a checkpoint, or open_clip weights not to be had."""
         s = self.settings
         if not s.local_tokens:
             return None
+        if s.local_encoder in OPEN_CLIP_ENCODERS:
+            return open_clip_identity(OPEN_CLIP_ENCODERS[s.local_encoder], self.context.backbone, s.local_resolution)
         given = WEIGHT_KEY in self.context.backbone.weights
         if s.local_encoder == "clipself" and not given:
             raise UserError("local_encoder is 'clipself' but no CLIPSelf checkpoint was given",
@@ -131,24 +146,141 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
             return {"kind": "stock", "resolution": s.local_resolution}
         return local_encoder_identity(self.context.backbone, resolution=s.local_resolution)
 
+    @property
+    def projects_local(self) -> bool:
+        """The local tokens reach the resampler through a trained `local_projection`: an
+        open_clip encoder (1024-d tokens; bigG's 1664 fit as they are)."""
+        identity = self.local_identity
+        return identity is not None and identity["kind"] in OPEN_CLIP_ENCODERS
+
     def _load_local_encoder(self) -> None:
-        """The local encoder local_identity names: the stock tower itself, or the checkpoint
-        in a copy of its architecture on its device and dtype."""
+        """The local encoder local_identity names: the stock tower itself, the checkpoint in a
+        copy of its architecture on its device and dtype, or an open_clip tower on the
+        method's device in the UNet's dtype."""
         identity = self.local_identity
         if identity is None or self._local is not None:
             return
-        self._local = local_encoder_from(identity, self._encoder)
+        if not self.projects_local:
+            self._local = local_encoder_from(identity, self._encoder)
+            return
+        tower = load_open_clip_tower(identity, self.context.backbone)
+        self._local = LocalEncoder(tower.to(self.context.device, self.pipe.unet.dtype), kind=identity["kind"],
+                                   resolution=identity["resolution"], source=identity.get("source"),
+                                   sha256=identity.get("sha256"))
+
+    def local_width(self) -> int:
+        """D of the local encoder's tokens (loads it)."""
+        self._load_local_encoder()
+        return self._local.width  # type: ignore[union-attr]
+
+    @torch.inference_mode()
+    def reference_features(self, images: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """MS-Diffusion's 257 image tokens of each reference [B, 257, E] and its `local_tokens`
+        local tokens as the encoder gives them [B, N, D] (None without local tokens)."""
+        tokens = super().image_tokens(images)
+        if not self.settings.local_tokens:
+            return tokens, None
+        self._load_local_encoder()
+        return tokens, self._local.tokens(list(images), self.settings.local_tokens)  # type: ignore[union-attr]
 
     @torch.inference_mode()
     def image_tokens(self, images: Sequence) -> torch.Tensor:
         """MS-Diffusion's 257 image tokens of each reference, then its `local_tokens` local
         tokens (paper 3.4.3: plain concatenation, Table 8) -> [B, 257 + N, E]."""
-        tokens = super().image_tokens(images)
-        if not self.settings.local_tokens:
+        return self.join_local(*self.reference_features(images))
+
+    def join_local(self, tokens: torch.Tensor, local: torch.Tensor | None) -> torch.Tensor:
+        """Image tokens [B, 257, E] and local tokens [B, N, D] -> [B, 257 + N, E]: the local ones
+        through the active projection for an open_clip encoder (none in a base-model group: no
+        local tokens there, as no trained projection exists), as they are otherwise."""
+        if local is None:
             return tokens
-        self._load_local_encoder()
-        local = self._local.tokens(list(images), self.settings.local_tokens)  # type: ignore[union-attr]
+        if self.projects_local:
+            if self._projection_lora is _UNSET:
+                raise RuntimeError("an open_clip local encoder's tokens need a projection: use_projection first")
+            if self._projection is None:
+                return tokens
+            weight = self._projection.weight
+            local = self._projection(local.to(weight.device, weight.dtype))
         return torch.cat([tokens, local.to(tokens.device, tokens.dtype)], dim=1)
+
+    def use_projection(self, projection: torch.nn.Module | None, lora: str | None = None) -> None:
+        """Make `projection` (the `local_projection` of LoRA `lora`; None: no local tokens) the
+        one join_local applies. Cached image tokens were joined through the previous one: they
+        are dropped, and rejoined from the kept features (encode_references)."""
+        if projection is not self._projection or lora != self._projection_lora:
+            self._embeds.clear()
+        self._projection, self._projection_lora = projection, lora
+
+    def use_lora_modules(self, name: str | None, modules: dict) -> None:
+        """The relation's LoRA `name` is active: its `local_projection` becomes the active one
+        (an open_clip encoder; nothing to do otherwise). UserError for a LoRA without one, or
+        with one of another width."""
+        if not self.projects_local or name == self._projection_lora:
+            return
+        if name is None:
+            self.use_projection(None, None)
+            return
+        weight = modules.get(f"{PROJECTION}.weight")
+        want = (self.adapter.cfg.embedding_dim, self.local_width())
+        if weight is None or tuple(weight.shape) != want:
+            what = "has no local projection" if weight is None else f"has a local projection of shape {tuple(weight.shape)}"
+            raise UserError(f"the RelationLoRA {name} {what}; the {self.settings.local_encoder} encoder needs one of "
+                            f"shape {want}", path=self.bank.folder(name),
+                            hint=f"train it again: relbench train --set local_encoder={self.settings.local_encoder}")
+        self.use_projection(projection_from(weight).to(self.context.device), name)
+
+    def accepts_imported(self) -> bool:
+        """Imported LoRAs carry no local projection: an open_clip encoder never samples with them."""
+        return not self.projects_local
+
+    @torch.inference_mode()
+    def encode_references(self, paths: Sequence[str]) -> None:
+        """MS-Diffusion's, for a bigG local encoder; for an open_clip one, each file's features
+        encoded once (encode_features) and joined through the active projection into the
+        image tokens, so switching LoRAs re-joins them without encoding anything again."""
+        if not self.projects_local:
+            return super().encode_references(paths)
+        self.encode_features(paths)
+        if self._projection_lora is _UNSET:  # before any relation's LoRA (prepare): the tokens wait
+            return
+        for p in dict.fromkeys(paths):
+            if p not in self._embeds:
+                tokens, local = self._features[p]
+                self._embeds[p] = self.join_local(tokens[None], local[None])[0]
+
+    @torch.inference_mode()
+    def encode_features(self, paths: Sequence[str]) -> None:
+        """reference_features of each reference file (read as MS-Diffusion reads them), once
+        per file, kept in `_features`."""
+        from PIL import Image
+
+        from ...images import read_image
+
+        todo = [p for p in dict.fromkeys(paths) if p not in self._features]
+        for i in range(0, len(todo), 16):
+            chunk = todo[i : i + 16]
+            images = [read_image(p).resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.Resampling.BICUBIC)
+                      for p in chunk]
+            tokens, local = self.reference_features(images)
+            self._features.update((p, (tokens[k], local[k])) for k, p in enumerate(chunk))
+
+    def reference_inputs(self, images: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training with an open_clip encoder: what join_local reads of one reference per entity,
+        before the (trained) projection: image tokens [O, 257, E] and local tokens [O, N, D], each
+        file encoded once; without relation-aware data (the ablation), of a blank image."""
+        if self.settings.relation_data:
+            paths = [str(p) for p in images]
+            self.encode_features(paths)
+            features = [self._features[p] for p in paths]
+        else:
+            if "<blank>" not in self._features:
+                from PIL import Image
+
+                tokens, local = self.reference_features([Image.new("RGB", (REFERENCE_SIZE,) * 2, BLANK)])
+                self._features["<blank>"] = (tokens[0], local[0])
+            features = [self._features["<blank>"]] * len(images)
+        return torch.stack([f[0] for f in features]), torch.stack([f[1] for f in features])
 
     def run_info(self) -> dict[str, Any]:
         """run.json's record of the local encoder used, and a label for tables when it is the
@@ -170,6 +302,8 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         out.update({k: getattr(s, k) for k in TRAINING_FIELDS}, resolution=self.resolution())
         if s.local_tokens:
             out["local_encoder"] = {k: v for k, v in self.local_identity.items() if k != "source"}
+        if self.projects_local:
+            out["local_projection"] = PROJECTION_INIT
         return out
 
     def settings_digest(self) -> str:
@@ -267,9 +401,11 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
 
     def close(self) -> None:
         """The hosts' undoing (LoRAs, processors, encoders), then the local encoder: a stock one
-        is the image encoder close() let go of, a CLIPSelf one a tower of its own."""
+        is the image encoder close() let go of, a CLIPSelf or open_clip one a tower of its own."""
         super().close()
         self._local = None
+        self._projection, self._projection_lora = None, _UNSET
+        self._features.clear()
 
     def generate(self, requests: Sequence[Request]) -> list[Sample]:
         """MS-Diffusion's images with the batch's relation LoRA active (one relation per batch)."""

@@ -3,9 +3,9 @@
 Shared by the methods that sample with RelationLoRAs (`relationbooth` on MS-Diffusion and
 `relationlora-sdxl` on plain SDXL). A relation's LoRA is the newest bank entry for it on the
 backbone that was trained with the given settings (their digest), else the newest imported
-one (released LoRAs carry no training settings). A LoRA trained with other settings is never
-used in their place: an ablation row without the keypoint loss must not sample with a LoRA
-trained with it.
+one (released LoRAs carry no training settings) where the settings accept those. A LoRA trained
+with other settings is never used in their place: an ablation row without the keypoint loss
+must not sample with a LoRA trained with it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class RelationLoRAs:
     digest: str  # the settings digest of the LoRAs these settings train (RelationBoothMethod.settings_digest)
     card: str = "relationbooth"  # the card whose `relbench train` makes them (for the hint)
     default_bank: bool = True  # the hint names --out only for another bank
+    imported: bool = True  # imported LoRAs (no settings digest) stand in when none of the digest is there
 
     def candidates(self, relation: str) -> list[BankEntry]:
         return [e for e in self.bank.entries()
@@ -35,7 +36,7 @@ class RelationLoRAs:
         """The name of the LoRA `relation` uses, or None when the bank has none usable."""
         found = self.candidates(relation)
         usable = ([e for e in found if e.info.get("settings_digest") == self.digest]
-                  or [e for e in found if "settings_digest" not in e.info])
+                  or [e for e in found if self.imported and "settings_digest" not in e.info])
         return max(usable, key=lambda e: (e.created, e.name)).name if usable else None
 
     def resolve(self, relations: Iterable[str], *, fallback: bool = False) -> dict[str, str | None]:
@@ -72,7 +73,9 @@ class RelationLoRASampling:
     group with diffusers' adapter API, the manifest told which LoRA made each image.
 
     The host's settings have `bank`, `allow_base_fallback` and `fuse_lora`; it gives lora_digest() (the
-    settings digest its LoRAs are trained with) and may train what is lacking (train_lacking)."""
+    settings digest its LoRAs are trained with), may train what is lacking (train_lacking), may
+    refuse imported LoRAs (accepts_imported) and is handed the extra modules trained with each
+    LoRA it switches to (use_lora_modules)."""
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
@@ -95,10 +98,18 @@ class RelationLoRASampling:
     def lora_digest(self) -> str:
         raise NotImplementedError
 
+    def accepts_imported(self) -> bool:
+        """Imported LoRAs (released ones: no training settings) may stand in for trained ones."""
+        return True
+
+    def use_lora_modules(self, name: str | None, modules: dict) -> None:
+        """Hook: LoRA `name` (None: the base model) is now active; `modules` holds the weights of
+        the extra modules trained with it (BankAdapters.modules). Default: nothing."""
+
     def selection(self) -> RelationLoRAs:
         return RelationLoRAs(self.bank, self.context.backbone.name, self.lora_digest(),
                              card=getattr(self, "training_card", None) or self.context.card or "relationbooth",
-                             default_bank=self.bank.root == default_bank())
+                             default_bank=self.bank.root == default_bank(), imported=self.accepts_imported())
 
     def lora_for(self, relation: str) -> str | None:
         """The name of the LoRA `relation` samples with (None: the base model, only with
@@ -148,6 +159,7 @@ class RelationLoRASampling:
         name = self.lora_for(relation)
         self.load()
         self._adapters.activate(name)  # type: ignore[union-attr]
+        self.use_lora_modules(name, self._adapters.modules(name))  # type: ignore[union-attr]
         samples = sample(requests)
         for s in samples:
             s.meta["lora"] = name

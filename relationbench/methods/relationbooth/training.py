@@ -18,6 +18,12 @@ trainer's generator. The loss (RelationBoothLoss):
 Samples with one and two entities mix by padding: MS-Diffusion's conditioning packs
 different subject counts, and the KML masks the padded objects.
 
+With an open_clip local encoder (ViT-L/14, EVA-CLIP-L/14: 1024-d tokens) a `local_projection`
+(local_encoders.new_projection: D -> the resampler's image-token width, seeded orthogonal) trains
+with the LoRA, by the same optimizer, and is saved beside it (the trainer's modules file). The
+subject tokens then depend on it: per sample the resampler's inputs are kept (image tokens,
+local tokens before the projection, phrases) and the frozen resampler runs at every step.
+
 The predicate attention loss (REFERENCE 2/7 describe it; its formula is not published, this
 is our reading): on the attn2 layers at 1/32 of the image side (the 32x32 layers at 1024 px),
 the text attention of the predicate's prompt tokens (softmax over the 77 text tokens, mean
@@ -31,7 +37,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +49,7 @@ from ..lora.trainer import train_lora
 from ..msdiffusion.attention import level_grid
 from .kml import (KMLSettings, ReferenceLatentCache, image_pixels, keypoint_matching_loss, keypoint_validity,
                   predicted_x0, timestep_weight, total_loss)
+from .local_encoders import PROJECTION, new_projection
 from .lora import relationlora_targets
 
 if TYPE_CHECKING:
@@ -58,7 +65,9 @@ class Encoded:
 
     posterior: the VAE's distribution of the target's latent [1, C, h, w]; time_ids [6]:
     SDXL's original size, crop (0, 0) and training size; prompt_embeds [77, D], pooled [P]:
-    c_t; tokens [O, 16, D]: MS-Diffusion's subject tokens of the references; boxes [O, 4]
+    c_t; tokens [O, 16, D]: MS-Diffusion's subject tokens of the references, or None with a
+    local projection in training: then image [O, 257, E], local [O, N, D'] (before the
+    projection) and phrases [O, P] are the resampler's inputs; boxes [O, 4]
     normalized xyxy in x; scales [O] (gamma); target_xy, ref_xy [O, K, 2]; score [O, K]: the
     lower of a keypoint's two scores (1 where unscored); ref_latents [O, C, h, w]:
     VAE(c_i) * scaling factor, only for the KML (None when it is off); predicate [77] (the predicate's prompt tokens) and region [cells
@@ -70,7 +79,7 @@ class Encoded:
     time_ids: torch.Tensor
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
-    tokens: torch.Tensor
+    tokens: torch.Tensor | None
     boxes: torch.Tensor
     scales: torch.Tensor
     target_xy: torch.Tensor
@@ -79,6 +88,9 @@ class Encoded:
     ref_latents: torch.Tensor | None = None
     predicate: torch.Tensor | None = None
     region: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    local: torch.Tensor | None = None
+    phrases: torch.Tensor | None = None
 
     @property
     def objects(self) -> int:
@@ -117,7 +129,8 @@ def encode_samples(method: "RelationBoothMethod", samples: Sequence["TripletSamp
     """Every fixed input of the samples (see Encoded), computed once (references shared by
     samples are encoded once); `predicate`: also what the predicate attention loss needs.
     The references' VAE latents only when the method's settings train with the KML, their
-    image tokens only with relation-aware data (else blank image prompts stand in)."""
+    image tokens only with relation-aware data (else blank image prompts stand in); with a
+    local projection (method.projects_local) the resampler's inputs instead of its tokens."""
     from tqdm.auto import tqdm
 
     pipe, device = method.pipe, method.context.device
@@ -128,8 +141,10 @@ def encode_samples(method: "RelationBoothMethod", samples: Sequence["TripletSamp
     embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                               do_classifier_free_guidance=False)
     text = {p: (embeds[i], pooled[i]) for i, p in enumerate(prompts)}
+    projected = method.projects_local
     if method.settings.relation_data:
-        method.encode_references([str(r.image) for s in samples for r in s.references])
+        paths = [str(r.image) for s in samples for r in s.references]
+        (method.encode_features if projected else method.encode_references)(paths)
     out = []
     relation = samples[0].relation if samples else ""
     for s in tqdm(samples, desc=f"inputs {relation}", unit="sample", disable=not progress, leave=False):
@@ -140,15 +155,18 @@ def encode_samples(method: "RelationBoothMethod", samples: Sequence["TripletSamp
         pairs = [(_keypoint_tensors(o.keypoints, device), _keypoint_tensors(r.keypoints, device))
                  for o, r in zip(s.objects, s.references)]
         extra = {}
+        if projected:
+            image, local = method.reference_inputs([r.image for r in s.references])
+            extra = dict(image=image, local=local, phrases=method.phrase_embeds(s.entities))
         if predicate:
-            extra = dict(predicate=method.phrase_mask(s.prompt, [s.predicate])[0].to(device),
+            extra.update(predicate=method.phrase_mask(s.prompt, [s.predicate])[0].to(device),
                          region=object_region(s.objects, (width, height),
                                               level_grid(latent_hw, PREDICATE_LEVEL)).to(device))
         out.append(Encoded(
             id=s.id, posterior=posterior,
             time_ids=torch.tensor([height, width, 0, 0, resolution, resolution], dtype=torch.float32, device=device),
             prompt_embeds=text[s.prompt][0], pooled=text[s.prompt][1],
-            tokens=method.reference_tokens([r.image for r in s.references], s.entities, boxes),
+            tokens=None if projected else method.reference_tokens([r.image for r in s.references], s.entities, boxes),
             boxes=boxes, scales=method.image_scales(len(s.objects)).to(device),
             target_xy=torch.stack([t[0] for t, _ in pairs]), ref_xy=torch.stack([r[0] for _, r in pairs]),
             score=torch.stack([torch.minimum(t[1], r[1]) for t, r in pairs]),
@@ -264,6 +282,9 @@ class RelationBoothLoss:
     latent_hw: tuple[int, int]
     predicate_weight: float = 0.0
     predicate: PredicateAttention | None = None  # required when predicate_weight > 0
+    join: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # a sample's image and local
+    # tokens -> the resampler's input (method.join_local: through the trained projection); needed
+    # for samples that keep those instead of fixed tokens
     _checked: bool = False
 
     def __call__(self, unet: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -272,7 +293,7 @@ class RelationBoothLoss:
     def parts(self, unet: torch.nn.Module, batch: Batch) -> LossParts:
         rows, t, dtype = batch.samples, batch.timesteps, unet.dtype
         noisy = self.scheduler.add_noise(batch.latents, batch.noise, t)
-        ms = self.adapter.conditioning([r.tokens.to(dtype) for r in rows], [r.boxes for r in rows],
+        ms = self.adapter.conditioning([self.subject_tokens(r, dtype) for r in rows], [r.boxes for r in rows],
                                        [r.scales for r in rows], self.latent_hw, False)
         if self.predicate_weight:
             self.predicate.start(torch.stack([r.predicate for r in rows]), torch.stack([r.region for r in rows]))
@@ -289,6 +310,14 @@ class RelationBoothLoss:
         predicate = self.predicate.loss() if self.predicate_weight else zero
         total = total_loss(denoise, kml, self.kml) + self.predicate_weight * predicate
         return LossParts(denoise, kml, predicate, total)
+
+    def subject_tokens(self, row: Encoded, dtype: torch.dtype) -> torch.Tensor:
+        """A sample's subject tokens [O, 16, D]: its fixed ones, or the resampler's of its image
+        and local tokens joined through the projection (gradients reach the projection)."""
+        if row.tokens is not None:
+            return row.tokens.to(dtype)
+        return self.adapter.subject_tokens(self.join(row.image, row.local).to(dtype), row.phrases.to(dtype),
+                                           row.boxes.to(dtype))
 
     def keypoint_loss(self, noisy: torch.Tensor, eps: torch.Tensor, batch: Batch) -> torch.Tensor:
         """KML of the batch, its objects padded to the widest sample (padding masked)."""
@@ -343,9 +372,29 @@ def train_relationlora(method: "RelationBoothMethod", samples: Sequence["Triplet
               "kml": {"weight": s.kml().weight, "max_timestep": s.kml_max_timestep, "min_score": s.kml_min_score},
               "predicate_loss_weight": s.predicate_loss_weight, "relation_data": s.relation_data,
               "local_tokens": s.local_tokens, "local_encoder": method.local_identity, **info}
+    modules = {}
     with contextlib.ExitStack() as stack:
+        if method.projects_local:
+            modules[PROJECTION] = new_projection(method.local_width(), method.adapter.cfg.embedding_dim,
+                                                 s.seed).to(method.context.device)
+            method.use_projection(modules[PROJECTION])
+            stack.callback(method.use_projection, None)  # sampling switches in each LoRA's own
+            stack.enter_context(_frozen(method.adapter))  # the resampler runs per step, its weights fixed
         capture = (stack.enter_context(PredicateAttention.attached(pipe.unet, method.adapter))
                    if s.predicate_loss_weight else None)
-        loss = RelationBoothLoss(method.adapter, scheduler, s.kml(), latent_hw, s.predicate_loss_weight, capture)
+        loss = RelationBoothLoss(method.adapter, scheduler, s.kml(), latent_hw, s.predicate_loss_weight, capture,
+                                 join=method.join_local)
         return train_lora(pipe.unet, relationlora_targets(pipe.unet), batches, loss, s, out_dir, info=record,
-                          data_parallel=data_parallel, progress=progress, desc=f"relation {relation}")
+                          modules=modules, data_parallel=data_parallel, progress=progress, desc=f"relation {relation}")
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """`module`'s parameters without gradients inside, their requires_grad as before after."""
+    saved = {n: p.requires_grad for n, p in module.named_parameters()}
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for n, p in module.named_parameters():
+            p.requires_grad_(saved[n])
