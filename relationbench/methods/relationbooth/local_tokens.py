@@ -103,12 +103,15 @@ def pool_boxes(features: torch.Tensor, boxes: Sequence[torch.Tensor], *, scale: 
     + 0.5) and sampling_ratio=0 (ceil(box side) bilinear samples per side, as CLIPSelf's -1):
     on box edges at whole cells the samples fall on cell centres, so the result is the plain
     mean of the cells inside; otherwise a bilinear blend of the cells the samples fall between.
+    Computed in float32 (torchvision has no half-precision kernel on the CPU), returned in
+    `features`' dtype.
     """
     from torchvision.ops import roi_align
 
-    grid = features.permute(0, 3, 1, 2)
+    grid = features.permute(0, 3, 1, 2).float()
     rois = [b.to(device=grid.device, dtype=grid.dtype) for b in boxes]
-    return roi_align(grid, rois, output_size=1, spatial_scale=scale, sampling_ratio=0, aligned=True).flatten(1)
+    pooled = roi_align(grid, rois, output_size=1, spatial_scale=scale, sampling_ratio=0, aligned=True).flatten(1)
+    return pooled.to(features.dtype)
 
 
 def pool_grid(features: torch.Tensor, count: int) -> torch.Tensor:

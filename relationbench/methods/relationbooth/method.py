@@ -224,7 +224,8 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         weight = modules.get(f"{PROJECTION}.weight")
         want = (self.adapter.cfg.embedding_dim, self.local_width())
         if weight is None or tuple(weight.shape) != want:
-            what = "has no local projection" if weight is None else f"has a local projection of shape {tuple(weight.shape)}"
+            what = ("has no local projection" if weight is None
+                    else f"has a local projection of shape {tuple(weight.shape)}")
             raise UserError(f"the RelationLoRA {name} {what}; the {self.settings.local_encoder} encoder needs one of "
                             f"shape {want}", path=self.bank.folder(name),
                             hint=f"train it again: relbench train --set local_encoder={self.settings.local_encoder}")
@@ -366,32 +367,23 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         """Train the tiny backbone's LoRAs of `relations` on example triplets (stick figures,
         data/example_triplets.py) into the default bank: seconds each, so a first run of
         `relbench generate --method relationbooth --backbone tiny` needs nothing else."""
-        from ...data.example_triplets import write_example_triplets
+        from ...data.example_triplets import cached_example_triplets
         from ...data.triplets import load_triplets
         from ...generate import Shard
-        from ...paths import cache_root
         from ...train import train_into_bank
 
         if not self.context.quiet:
             print(f"relationbooth: training tiny RelationLoRAs on example triplets for {', '.join(relations)}",
                   file=sys.stderr)
-        root = cache_root() / "relationbooth" / "example-triplets"
-        for relation in relations:
-            manifest = root / relation / relation / "triplets.json"
-            try:
-                if not manifest.is_file():
-                    write_example_triplets(root / relation, relations=[relation])
-            except (UserError, OSError):  # another process (a launch, a parallel run) wrote it first
-                if not manifest.is_file():
-                    raise
-        triplets = {r: load_triplets(root / r) for r in relations}
+        folders = {r: cached_example_triplets(r) for r in relations}
+        triplets = {r: load_triplets(folders[r]) for r in relations}
         self.load()
         shard = Shard()  # under `accelerate launch` the processes train each LoRA together
         for relation in relations:
             data = triplets[relation]
             digest = data.content_hash(relation)
             name = self.lora_name(relation, digest, shard.world)
-            train_into_bank(self, data, root / relation, {relation: name}, [relation], shard,
+            train_into_bank(self, data, folders[relation], {relation: name}, [relation], shard,
                             self.context.card or "relationbooth", hashes={relation: digest},
                             quiet=self.context.quiet or not shard.main)
 
