@@ -764,7 +764,8 @@ def report_cmd(path, out, data_dir, embed, sheets, page_size, bootstrap, quiet):
     for warning in done.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{done.page}: {done.runs} run(s), {done.cases} case(s), {done.images} image(s), "
-               f"{done.ablations} ablation(s); {done.thumbnails_made} thumbnail(s) made, {done.sheets} contact sheet(s)")
+               f"{done.ablations} ablation(s); {done.thumbnails_made} thumbnail(s) made, "
+               f"{done.sheets} contact sheet(s) ({done.sheets_drawn} drawn)")
 
 
 @cli.command("metrics")

@@ -300,3 +300,19 @@ def test_same_sha_in_two_runs_is_one_thumbnail_with_both_links(report):
     red0, red1 = case["samples"]["red@tiny"]
     assert red0["thumb"] == red1["thumb"] and red0["href"] != red1["href"]
     assert hashlib.sha256(resolve(done.page, red0["href"]).read_bytes()).hexdigest() in red0["thumb"]
+
+
+def test_contact_sheets_are_drawn_again_only_when_what_they_show_changed(report):
+    done, results, data, *_ = report
+    folder = results / "report_files" / "sheets" / "relationbench"
+    before = {p.name: p.read_bytes() for p in folder.glob("*.png")}
+    assert done.sheets == done.sheets_drawn == 3
+    again = write_report(ReportOptions(path=results, data_dir=data, n_boot=50, quiet=True))
+    assert (again.sheets, again.sheets_drawn) == (3, 0)
+    assert {p.name: p.read_bytes() for p in folder.glob("*.png")} == before
+    make_run(results, "yellow@tiny", SINGLE[:1], per_case=1, image=solid((250, 220, 0)))  # one more run of one case
+    third = write_report(ReportOptions(path=results, data_dir=data, n_boot=50, quiet=True))
+    assert (third.sheets, third.sheets_drawn) == (3, 1)
+    changed = {p.name for p in folder.glob("*.png") if p.read_bytes() != before[p.name]}
+    assert changed == {f"{SINGLE[0]}.png"}
+    assert Image.open(folder / f"{SINGLE[0]}.png").size[1] > Image.open(folder / f"{SINGLE[1]}.png").size[1]

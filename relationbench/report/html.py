@@ -34,10 +34,11 @@ from .aggregate import summarize_runs
 from .gallery import Ablation, Gallery, Thumbs, collect, digits, find_ablations, href
 from .layouts import COLORS
 from .leaderboard import METRIC_NAMES, Cell, Extended, Section, report_tables
-from .sheets import case_sheet, png_bytes
+from .sheets import case_sheet, png_bytes, sheet_key
 
 DEFAULT_NAME = "report.html"
 DATA_ID = "report-data"
+SHEET_INDEX = "index.json"  # sheet path -> the key of what it shows (sheets.sheet_key)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ReportSummary:
     sheets: int
     thumbnails_made: int
     warnings: list[str] = field(default_factory=list)
+    sheets_drawn: int = 0  # of `sheets`, drawn by this run (the others were unchanged)
 
 
 def write_report(opts: ReportOptions) -> ReportSummary:
@@ -96,18 +98,38 @@ def write_report(opts: ReportOptions) -> ReportSummary:
 
     # 4. a contact sheet per case
     sheets: dict[tuple[str, str], Path] = {}
+    drawn = 0
     if opts.sheets:
+        # drawn again only when what it shows changed (its key): a rerun on an unchanged
+        # results folder draws none; a killed run at worst draws some again
+        index_path = files / "sheets" / SHEET_INDEX
+        index = _read_index(index_path)
         for view in tqdm(gallery.cases, unit="case", desc="report · contact sheets", disable=opts.quiet):
             path = files / "sheets" / view.case.suite / f"{view.case.id}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, png_bytes(case_sheet(view, gallery, thumbs.image)))
+            name, key = path.relative_to(files / "sheets").as_posix(), sheet_key(view, gallery)
+            if index.get(name) != key or not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, png_bytes(case_sheet(view, gallery, thumbs.image)))
+                index[name] = key
+                drawn += 1
             sheets[view.case.suite, view.case.id] = path
+        if drawn:
+            atomic_write_text(index_path, json.dumps(index, indent=0, sort_keys=True) + "\n")
 
     # 5. the page
     data = gallery_data(gallery, thumbs, sheets, page.parent, opts.page_size)
     atomic_write_text(page, render_page(opts.path, gallery, summary, ablations, data, warnings, f"{files.name}/sheets/"))
     return ReportSummary(page, len(runs), len(gallery.cases), gallery.n_images, len(ablations), len(sheets), made,
-                         warnings)
+                         warnings, sheets_drawn=drawn)
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """The sheets' keys; an unreadable index only means every sheet is drawn again."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # --------------------------------------------------------------------------- the gallery's data

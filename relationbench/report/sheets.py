@@ -10,7 +10,10 @@ Pictures are scaled to fit a tile (up or down, aspect kept) and centred in it.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 import textwrap
 from dataclasses import dataclass
 from typing import Callable
@@ -25,6 +28,7 @@ BACKGROUND = (255, 255, 255)
 EMPTY = (235, 235, 235)  # a tile whose picture could not be read
 TEXT = (30, 30, 30)
 FONT_SIZE = 13
+SHEET_VERSION = 1  # change when the drawing changes: every sheet is drawn again
 
 
 @dataclass(frozen=True)
@@ -91,23 +95,46 @@ def score_caption(scores: dict[str, float], columns: list[ScoreColumn]) -> str:
     return "\n".join("  ".join(shown[i:i + 2]) for i in range(0, len(shown), 2))
 
 
+def _sheet_rows(view: CaseView, gallery: Gallery):
+    """(the references' (sha256, subject name); per run with samples of the case, in the
+    gallery's run order, its label and its samples): what a case's sheet shows."""
+    case = view.case
+    refs = [(ref.sha256, s.name) for s in case.subjects for ref in gallery.references.get((case.suite, s.name), [])]
+    runs = [(label, view.samples[label]) for label, suite, _ in gallery.runs
+            if suite == case.suite and label in view.samples]
+    return refs, runs
+
+
 def case_sheet(view: CaseView, gallery: Gallery, picture: Callable[[str], Image.Image | None],
                geometry: SheetGeometry = SheetGeometry()) -> Image.Image:
     """A case's sheet: its layout and references, then a row per run that has samples of it (in
     the gallery's run order). picture(sha256): a thumbnail, or None when unreadable."""
     case = view.case
-    refs = [(picture(ref.sha256), s.name) for s in case.subjects
-            for ref in gallery.references.get((case.suite, s.name), [])]
-    rows = [SheetRow(f"{case.suite} / {case.id}", [(draw_layout(case, geometry.tile), "layout"), *refs])]
-    for label, suite, _ in gallery.runs:
-        if suite == case.suite and label in view.samples:
-            samples = view.samples[label]
-            rows.append(SheetRow(label, [(picture(s.sha256), score_caption(s.scores, gallery.columns)) for s in samples],
-                                 [f"#{s.index}" for s in samples]))
+    refs, runs = _sheet_rows(view, gallery)
+    rows = [SheetRow(f"{case.suite} / {case.id}",
+                     [(draw_layout(case, geometry.tile), "layout"), *((picture(sha), name) for sha, name in refs)])]
+    for label, samples in runs:
+        rows.append(SheetRow(label, [(picture(s.sha256), score_caption(s.scores, gallery.columns)) for s in samples],
+                             [f"#{s.index}" for s in samples]))
     return draw_sheet(rows, geometry)
 
 
+def sheet_key(view: CaseView, gallery: Gallery, geometry: SheetGeometry = SheetGeometry()) -> str:
+    """A digest of everything a case's sheet shows (the case, its pictures by sha256, the
+    captions, the geometry): an unchanged key means the sheet on disk is still right."""
+    case = view.case
+    refs, runs = _sheet_rows(view, gallery)
+    content = {"version": SHEET_VERSION, "geometry": dataclasses.asdict(geometry), "case": case.id,
+               "prompt": case.prompt, "boxes": [list(b) for b in case.boxes],
+               "subjects": [[s.name, s.class_noun] for s in case.subjects], "refs": refs,
+               "runs": [[label, [[s.index, s.sha256, score_caption(s.scores, gallery.columns)] for s in samples]]
+                        for label, samples in runs]}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def png_bytes(image: Image.Image) -> bytes:
+    """PNG at zlib level 1: most of a sheet's time went to compression at the default level
+    (bench/RESULTS.md, "HTML report at scale"), for files about 8% smaller."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
