@@ -238,9 +238,10 @@ def make_plan(opts: AblateOptions) -> Plan:
             except UserError as exc:
                 raise UserError(f"component {component.name}, variant {variant.name!r}: {exc.message}",
                                 path=component.path, hint=exc.hint) from None
-            run = runs.get(card.name)
-            if run is None:
-                run = runs[card.name] = Run(component.method, card, strings, default_out(suite.name, card.name, backbone.name, opts.out), [])
+            if card.name not in runs:
+                folder = default_out(suite.name, card.name, backbone.name, opts.out)
+                runs[card.name] = Run(component.method, card, strings, folder, [])
+            run = runs[card.name]
             run.cases += [c for c in cases if c not in run.cases]
             rows.append(Row(variant, run))
         folder = default_out(suite.name, component.name, backbone.name, Path(opts.out) / "ablations")
