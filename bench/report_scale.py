@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from machine_load import busy_seconds, own_seconds  # bench/machine_load.py
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.score_runs: the run folders the tests build
@@ -53,22 +54,6 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--virtual-time-budget=10000")
 REFS_PER_SUBJECT = 3
-
-
-def busy_seconds() -> float | None:
-    """CPU seconds the machine has been busy (all cores, all processes); None off Linux."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def own_seconds() -> float:
-    """CPU seconds of this process and its finished children (Chromium)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def peak_rss_mib() -> float:

@@ -38,6 +38,8 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from machine_load import busy_seconds, own_seconds  # bench/machine_load.py
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -326,25 +328,6 @@ def fresh(run: Path, board: Path) -> None:
     (run / "scores.csv").unlink(missing_ok=True)
     shutil.rmtree(run / ".cache", ignore_errors=True)
     shutil.rmtree(board, ignore_errors=True)
-
-
-def busy_seconds() -> float | None:
-    """CPU seconds the machine has been busy (all cores, all processes); None off Linux."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def own_seconds() -> float:
-    """CPU seconds of this process and its finished children (the DataLoader workers)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-# --------------------------------------------------------------------------- main
 
 
 def main() -> None:
