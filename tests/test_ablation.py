@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from click.testing import CliRunner
 
 from relationbench.ablation import (AblateOptions, ablate, component_names, load_component, make_plan,
@@ -20,7 +19,8 @@ from relationbench.methods.cards import default_registry, parse_set
 from relationbench.runs import SCORE_COLUMNS, RunDir
 from relationbench.score import ScoreIds, ScoreOptions
 
-from .score_runs import make_references, make_run
+from .score_runs import make_run
+from .tiny_env import tiny_env
 
 CASES = "rb-s-006,rb-m-011"  # "ride": one single-subject and one multi-subject case
 
@@ -203,15 +203,8 @@ def test_charts_are_reproducible(tmp_path):
 # -- end to end on tiny -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ablate")
-    make_references(root / "data", ["rb-s-006", "rb-m-011"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RELBENCH_CACHE", str(root / "cache"))
-        mp.setenv("RELBENCH_DATA", str(root / "data"))
+    with tiny_env(tmp_path_factory.mktemp("ablate"), ["rb-s-006", "rb-m-011"]) as root:
         yield root
-    torch.set_num_threads(threads)
 
 
 ARGS = ["--component", "kml", "--backbone", "tiny", "--cases", CASES, "--images-per-case", "1",

@@ -30,7 +30,7 @@ from relationbench.methods.relationbooth.local_encoders import (OPEN_CLIP_ENCODE
 from relationbench.methods.relationbooth.local_tokens import clip_pixels, dense_features, pool_grid
 from relationbench.suites import load_suite
 
-from .score_runs import make_references
+from .tiny_env import tiny_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -212,15 +212,8 @@ def test_identity_enters_what_a_lora_learns(tmp_path):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoders")
-    make_references(root / "data", ["rb-s-001", "rb-m-001"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RELBENCH_CACHE", str(root / "cache"))
-        mp.setenv("RELBENCH_DATA", str(root / "data"))
+    with tiny_env(tmp_path_factory.mktemp("encoders"), ["rb-s-001", "rb-m-001"]) as root:
         yield root
-    torch.set_num_threads(threads)
 
 
 def relbench(*args, ok: bool = True):

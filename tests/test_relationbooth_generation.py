@@ -18,10 +18,10 @@ from relationbench.errors import UserError
 from relationbench.methods import Context, default_registry
 from relationbench.methods.lora.bank import LoraBank
 from relationbench.methods.msdiffusion.resampler import GroundingResampler
-from relationbench.methods.relationbooth import RelationBoothMethod, RelationBoothSettings
+from relationbench.methods.relationbooth import RelationBoothMethod
 from relationbench.methods.relationbooth.method import relation_key
 
-from .score_runs import make_references
+from .tiny_env import tiny_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,15 +47,8 @@ def image(run, case: str) -> bytes:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A cache (the default bank) and a data root with references for the cases used here."""
-    root = tmp_path_factory.mktemp("rbgen")
-    make_references(root / "data", ["rb-s-006", "rb-m-011", "rb-s-001"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as one_thread, which starts after module fixtures: images compared across
-    with pytest.MonkeyPatch.context() as mp:  # tests are made with one thread count
-        mp.setenv("RELBENCH_CACHE", str(root / "cache"))
-        mp.setenv("RELBENCH_DATA", str(root / "data"))
+    with tiny_env(tmp_path_factory.mktemp("rbgen"), ["rb-s-006", "rb-m-011", "rb-s-001"]) as root:
         yield root
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
