@@ -258,7 +258,9 @@ class RunStatus:
     images: int  # selected images the run holds
     total: int
     scored: int  # of them, scored with the ablation's protocol and encoders
-    loras: dict[str, str | None] | None  # relation -> its LoRA in the bank (None: lacking); None: no LoRAs
+    loras: "RowLoRAs | None"  # None: the method has no LoRA bank
+    # ((case_id, index), its manifest's lora) of the images made with a LoRA the row may not use
+    foreign: list[tuple[tuple[str, int], str | None]] = field(default_factory=list)
 
 
 def _score_options(opts: AblateOptions, paths: Sequence[Path], metrics: Sequence[str]):
@@ -268,8 +270,39 @@ def _score_options(opts: AblateOptions, paths: Sequence[Path], metrics: Sequence
                         device=opts.device, data_dir=opts.data_dir, quiet=opts.quiet)
 
 
-def run_status(run: Run, plan: Plan, opts: AblateOptions, metrics: Sequence[str]) -> RunStatus:
+def data_hashes(plan: Plan, opts: AblateOptions) -> dict[str, str | None]:
+    """relation -> the content hash of the data every row's LoRA must be trained on: --data's;
+    on tiny without --data its example triplets' (None before they were first written: then
+    nothing was trained on them); else None (data unknown, but the same for every row)."""
+    from .data.triplets import load_triplets
+    from .methods.relationbooth.selection import relation_key
+    from .paths import cache_root
+
+    relations = sorted({relation_key(c.relation) for run in plan.runs.values() for c in run.cases if c.relation})
+    if not relations or not any(_bank_method(run) for run in plan.runs.values()):
+        return {}
+    if opts.data is not None:
+        triplets = load_triplets(opts.data, relations)  # one error naming every relation it lacks
+        return {r: triplets.content_hash(r) for r in relations}
+    if opts.backbone != "tiny":
+        return {r: None for r in relations}
+    out = {}
+    for r in relations:  # where data.example_triplets.cached_example_triplets writes them
+        folder = cache_root() / "relationbooth" / "example-triplets" / r
+        out[r] = load_triplets(folder, [r]).content_hash(r) if (folder / r / "triplets.json").is_file() else None
+    return out
+
+
+def _bank_method(run: Run) -> bool:
+    from .methods.relationbooth.selection import RelationLoRASampling
+
+    return issubclass(run.card.adapter_class(), RelationLoRASampling)
+
+
+def run_status(run: Run, plan: Plan, opts: AblateOptions, metrics: Sequence[str],
+               hashes: Mapping[str, str | None]) -> RunStatus:
     """What the run folder and the LoRA bank hold of what this ablation needs (reads only)."""
+    from .methods.relationbooth.selection import relation_key
     from .runs import RunDir
     from .score import scored_images
 
@@ -278,32 +311,59 @@ def run_status(run: Run, plan: Plan, opts: AblateOptions, metrics: Sequence[str]
     have = folder.finished() & wanted
     scored = (scored_images(run.run_dir, _score_options(opts, [run.run_dir], metrics)) & have
               if folder.is_run() else set())
-    return RunStatus(len(have), len(wanted), len(scored), _lora_status(run, opts))
+    loras = RowLoRAs.of(run, opts, hashes)
+    foreign = []
+    if loras is not None:
+        relation = {c.id: relation_key(c.relation) for c in run.cases}
+        latest = folder.latest()
+        foreign = sorted((key, latest[key].get("lora")) for key in have
+                         if latest[key].get("lora") not in loras.allowed.get(relation[key[0]], ()))
+    return RunStatus(len(have), len(wanted), len(scored), loras, foreign)
 
 
-def _lora_status(run: Run, opts: AblateOptions) -> dict[str, str | None] | None:
-    """relation -> the bank's LoRA trained with these settings (None: lacking), for methods
-    with a LoRA bank. Stricter than sampling's choice, which may take an imported LoRA (its
-    training settings unknown): an ablation row must be trained with its own settings, on the
-    data every row is trained on, or it would measure something else."""
-    import torch
+@dataclass
+class RowLoRAs:
+    """The LoRAs one row may sample with, per relation: trained with the row's settings (their
+    digest) on the ablation's data (its hash, when known). Stricter than sampling's choice,
+    which may take an imported LoRA (its training settings unknown) or one trained on other
+    data: the rows would then differ in more than the setting ablated."""
 
-    from .backbones import get_backbone
-    from .data import data_root
-    from .methods import Context
-    from .methods.relationbooth.selection import RelationLoRASampling, relation_key
+    allowed: dict[str, set[str]]  # relation -> names
+    newest: dict[str, str | None]  # relation -> the newest allowed (None: lacking)
+    sampled: dict[str, str | None]  # relation -> what sampling would take now (selection.find)
+    data: dict[str, str | None]  # relation -> the data hash of `newest` (None: lacking or unrecorded)
 
-    if not issubclass(run.card.adapter_class(), RelationLoRASampling):
-        return None
-    backbone = get_backbone(opts.backbone, opts.weights)
-    method = run.card.build(Context(backbone=backbone, device="cpu", dtype=torch.float32,
-                                    data_root=data_root(opts.data_dir), quiet=True))
-    selection = method.selection()
-    out = {}
-    for relation in sorted({relation_key(c.relation) for c in run.cases if c.relation}):
-        trained = [e for e in selection.candidates(relation) if e.info.get("settings_digest") == selection.digest]
-        out[relation] = max(trained, key=lambda e: (e.created, e.name)).name if trained else None
-    return out
+    @classmethod
+    def of(cls, run: Run, opts: AblateOptions, hashes: Mapping[str, str | None]) -> "RowLoRAs | None":
+        """None for a method without a LoRA bank."""
+        import torch
+
+        from .backbones import get_backbone
+        from .data import data_root
+        from .methods import Context
+        from .methods.relationbooth.selection import relation_key
+
+        if not _bank_method(run):
+            return None
+        backbone = get_backbone(opts.backbone, opts.weights)
+        method = run.card.build(Context(backbone=backbone, device="cpu", dtype=torch.float32,
+                                        data_root=data_root(opts.data_dir), quiet=True))
+        selection = method.selection()
+        known_data = opts.data is not None or opts.backbone == "tiny"
+        allowed, newest, sampled, data = {}, {}, {}, {}
+        for relation in sorted({relation_key(c.relation) for c in run.cases if c.relation}):
+            entries = [e for e in selection.candidates(relation) if e.info.get("settings_digest") == selection.digest
+                       and (not known_data or e.info.get("data_sha256") == hashes.get(relation))]
+            allowed[relation] = {e.name for e in entries}
+            best = max(entries, key=lambda e: (e.created, e.name)) if entries else None
+            newest[relation] = best.name if best else None
+            data[relation] = best.info.get("data_sha256") if best else None
+            sampled[relation] = selection.find(relation)
+        return cls(allowed, newest, sampled, data)
+
+    @property
+    def lacking(self) -> list[str]:
+        return [r for r, name in self.newest.items() if name is None]
 
 
 # -- doing it ---------------------------------------------------------------------------------
@@ -328,31 +388,35 @@ class AblateSummary:
 def ablate(opts: AblateOptions) -> AblateSummary:
     """Plan, then per run: train what the bank lacks, generate what the run lacks, score what
     is unscored; then write each component's table, charts and paired comparison. With
-    `dry_run`, only the plan and what exists."""
+    `dry_run`, only the plan and what exists. Refuses, before any work, a row whose images
+    were made with a LoRA it may not use (RowLoRAs), and rows whose LoRAs come from
+    different data."""
     from .generate import Shard
 
     start = time.perf_counter()
     plan = make_plan(opts)
     metrics = list(dict.fromkeys(m for component, *_ in plan.tables for m in component.metrics))
-    status = {name: run_status(run, plan, opts, metrics) for name, run in plan.runs.items()}
+    hashes = data_hashes(plan, opts)
+    status = {name: run_status(run, plan, opts, metrics, hashes) for name, run in plan.runs.items()}
     counts = StageCounts()
     if opts.dry_run:
         return AblateSummary(plan, status, counts, [], {}, time.perf_counter() - start)
-    lacking = {name: [r for r, lora in (s.loras or {}).items() if lora is None] for name, s in status.items()}
-    if opts.data is None and opts.backbone != "tiny" and any(lacking.values()):
-        listing = "; ".join(f"{name}: {', '.join(rel)}" for name, rel in lacking.items() if rel)
-        raise UserError(f"the LoRA bank lacks RelationLoRAs trained with these variants' settings ({listing})",
-                        hint="pass --data DIR (relation triplets): every row's LoRAs are trained on the same data "
-                             "with the row's own settings (imported LoRAs, whose settings are unknown, are not used)")
+    _check_before(plan, status, opts)
     shard = Shard()
     for name, run in plan.runs.items():
         s = shard.share(status[name])
-        if lacking[name]:
-            counts.trained += _train(run, opts, lacking[name])
+        if s.loras is not None and s.loras.lacking:
+            counts.trained += _train(run, opts, s.loras.lacking)
+            hashes = data_hashes(plan, opts)  # tiny: the example triplets exist now
         if s.images < s.total:
+            if s.loras is not None:
+                _check_sampling(run, RowLoRAs.of(run, opts, hashes))
             counts.generated += _generate(run, plan, opts)
         shard.barrier()
-        if shard.main and run_status(run, plan, opts, metrics).scored < s.total:
+        after = run_status(run, plan, opts, metrics, hashes) if shard.main else None
+        if after is not None and after.foreign:  # made now with another LoRA: never scored or tabled
+            raise _foreign_error({name: after})
+        if after is not None and after.scored < s.total:
             counts.scored += _score(run, opts, metrics)
         shard.barrier()
     written, tables = [], {}
@@ -362,6 +426,50 @@ def ablate(opts: AblateOptions) -> AblateSummary:
             written += paths
             tables[component.name] = markdown
     return AblateSummary(plan, status, counts, written, tables, time.perf_counter() - start, main=shard.main)
+
+
+def _check_before(plan: Plan, status: Mapping[str, RunStatus], opts: AblateOptions) -> None:
+    """The refusals that need no work: images made with a LoRA a row may not use; LoRAs that
+    are lacking with nothing to train them on; rows whose LoRAs were trained on different data
+    (possible only when the data is not given)."""
+    if any(s.foreign for s in status.values()):
+        raise _foreign_error({name: s for name, s in status.items() if s.foreign})
+    rows = {name: s.loras for name, s in status.items() if s.loras is not None}
+    lacking = {name: loras.lacking for name, loras in rows.items() if loras.lacking}
+    if lacking and opts.data is None and opts.backbone != "tiny":
+        listing = "; ".join(f"{name}: {', '.join(rel)}" for name, rel in lacking.items())
+        raise UserError(f"the LoRA bank lacks RelationLoRAs trained with these variants' settings ({listing})",
+                        hint="pass --data DIR (relation triplets): every row's LoRAs are trained on the same data "
+                             "with the row's own settings (imported LoRAs, whose settings are unknown, are not used)")
+    relations = sorted({r for loras in rows.values() for r in loras.newest})
+    for relation in relations:
+        data = {name: loras.data.get(relation) for name, loras in rows.items() if loras.newest.get(relation)}
+        if len(set(data.values())) > 1:
+            listing = "; ".join(f"{name}: {h[:12] if h else 'unrecorded'}" for name, h in data.items())
+            raise UserError(f"the rows' LoRAs for {relation!r} were trained on different data ({listing}): the rows "
+                            "would differ in more than the setting ablated",
+                            hint="pass --data DIR: every row's LoRAs are then those trained on that data")
+
+
+def _check_sampling(run: Run, loras: "RowLoRAs") -> None:
+    """Sampling takes the bank's newest LoRA with the row's settings: it must be one the row may use."""
+    wrong = {r: name for r, name in loras.sampled.items() if name not in loras.allowed.get(r, ())}
+    if wrong:
+        listing = ", ".join(f"{r} -> {name}" for r, name in wrong.items())
+        raise UserError(f"{run.card.name} would sample with LoRAs not trained on the ablation's data ({listing}): "
+                        "the bank holds newer LoRAs with these settings trained on other data",
+                        hint="give the ablation a bank of its own: --set bank=DIR")
+
+
+def _foreign_error(status: Mapping[str, RunStatus]) -> UserError:
+    parts = []
+    for name, s in status.items():
+        (case, index), lora = s.foreign[0]
+        parts.append(f"{name}: {len(s.foreign)} image(s), e.g. {case} sample {index} made with "
+                     f"{lora or 'the base model'}")
+    return UserError("images of these rows were made with LoRAs the rows may not use (imported, trained with other "
+                     f"settings or on other data): {'; '.join(parts)}",
+                     hint="give the ablation its own results root (--out DIR), or remove those runs")
 
 
 def _train(run: Run, opts: AblateOptions, relations: Sequence[str]) -> int:
@@ -471,10 +579,9 @@ def status_rows(summary: AblateSummary) -> list[list[str]]:
         if s.loras is None:
             train = "–"
         else:
-            lacking = [r for r, lora in s.loras.items() if lora is None]
-            train = (f"{len(s.loras) - len(lacking)}/{len(s.loras)} in bank"
+            lacking = s.loras.lacking
+            train = (f"{len(s.loras.newest) - len(lacking)}/{len(s.loras.newest)} in bank"
                      + (f"; to train: {', '.join(lacking)}" if lacking else ""))
-        out.append([name, "; ".join(uses[name]), str(run.run_dir), train, f"{s.images}/{s.total}",
-                    f"{s.scored}/{s.total}"])
+        images = f"{s.images}/{s.total}" + (f" ({len(s.foreign)} with other LoRAs)" if s.foreign else "")
+        out.append([name, "; ".join(uses[name]), str(run.run_dir), train, images, f"{s.scored}/{s.total}"])
     return out
-

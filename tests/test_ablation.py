@@ -301,9 +301,79 @@ def test_an_imported_lora_does_not_stand_in_for_a_row(tmp_path):
     opts = AblateOptions(components=["kml"], backbone="tiny", cases=[CASES], images_per_case=1, out=tmp_path,
                          set_values=[f"bank={bank}"], dry_run=True)
     summary = ablate(opts)
-    assert [s.loras for s in summary.status.values()] == [{"ride": None}, {"ride": None}]
-    # while sampling would have taken it
-    from relationbench.methods.relationbooth.selection import RelationLoRAs
-    from relationbench.methods.lora.bank import LoraBank
+    for status in summary.status.values():  # sampling would take it; the row does not
+        assert status.loras.newest == {"ride": None} and status.loras.sampled == {"ride": "ride-imported"}
 
-    assert RelationLoRAs(LoraBank(bank), "tiny", "any digest", default_bank=False).find("ride") == "ride-imported"
+
+def _digest(run, backbone: str = "tiny") -> str:
+    import torch
+
+    from relationbench.backbones import get_backbone
+    from relationbench.methods import Context
+
+    return run.card.build(Context(backbone=get_backbone(backbone), device="cpu", dtype=torch.float32,
+                                  data_root=Path("."))).settings_digest()
+
+
+def _bank(folder: Path, entries: list[tuple[str, str, str, str | None, int]], backbone: str = "tiny") -> Path:
+    """A bank index of (name, relation, settings digest, data sha256, day) entries."""
+    folder.mkdir(parents=True, exist_ok=True)
+    loras = {name: {"name": name, "file": f"{name}/w", "settings": {}, "base": {"name": backbone},
+                    "created": f"2024-01-0{day}T00:00:00+00:00",
+                    "info": {"relation": rel, "settings_digest": digest, "data_sha256": data}}
+             for name, rel, digest, data, day in entries}
+    (folder / "index.json").write_text(json.dumps({"version": 1, "loras": loras}))
+    return folder
+
+
+def test_a_row_whose_images_were_made_with_another_lora_is_refused_before_any_work(tmp_path, monkeypatch):
+    """E.g. relationbooth generated earlier with the authors' imported LoRAs: reusing it as the
+    full-model row would compare LoRAs trained on other data with other settings."""
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+    make_run(out, "relationbooth[steps=2]@tiny", ["rb-s-006", "rb-m-011"], per_case=1,
+             record_extra={"lora": "ride-imported"})
+    dry = relbench("ablate", *ARGS, "--out", out, "--dry-run")
+    assert "1/2 (2 with other LoRAs)" not in dry.output and "2/2 (2 with other LoRAs)" in dry.output
+    result = relbench("ablate", *ARGS, "--out", out, ok=False)
+    assert result.exit_code == 2
+    assert "relationbooth[steps=2]: 2 image(s), e.g. rb-m-011 sample 0 made with ride-imported" in result.output
+    assert "--out DIR" in result.output
+    assert not (tmp_path / "cache" / "relationbooth" / "loras").exists()  # nothing trained
+    assert not (out / "relationbench" / "relationbooth[kml_weight=0.0,steps=2]@tiny").exists()
+
+
+def test_rows_with_loras_of_different_data_are_refused(tmp_path, monkeypatch):
+    """Without --data (sdxl) the rows' LoRAs are whatever the bank holds: they must share their data."""
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
+    plan = make_plan(AblateOptions(components=["kml"], cases=["rb-s-006"], out=tmp_path))
+    digests = {name: _digest(run, "sdxl") for name, run in plan.runs.items()}
+    _bank(tmp_path / "cache" / "relationbooth" / "loras",
+          [("ride-a", "ride", digests["relationbooth[kml_weight=0.0]"], "data-one", 1),
+           ("ride-b", "ride", digests["relationbooth"], "data-two", 1)], backbone="sdxl")
+    result = relbench("ablate", "--component", "kml", "--cases", "rb-s-006", "--out", tmp_path / "r", ok=False)
+    assert result.exit_code == 2
+    assert "LoRAs for 'ride' were trained on different data" in result.output and "data-one" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_newer_lora_of_other_data_is_not_sampled(tmp_path, monkeypatch):
+    """With the row's settings, the bank's newest LoRA was trained on other data: sampling
+    would take it, so the row is refused before generating."""
+    from relationbench.data.example_triplets import cached_example_triplets
+    from relationbench.data.triplets import load_triplets
+
+    monkeypatch.setenv("RELBENCH_CACHE", str(tmp_path / "cache"))
+    example = load_triplets(cached_example_triplets("ride")).content_hash("ride")
+    plan = make_plan(AblateOptions(components=["kml"], backbone="tiny", cases=["rb-s-006"], out=tmp_path))
+    entries = []
+    for n, (name, run) in enumerate(plan.runs.items()):
+        digest = _digest(run)
+        entries += [(f"ride-{n}-ours", "ride", digest, example, 1), (f"ride-{n}-theirs", "ride", digest, "other", 2)]
+    _bank(tmp_path / "cache" / "relationbooth" / "loras", entries)
+    result = relbench("ablate", "--component", "kml", "--backbone", "tiny", "--cases", "rb-s-006",
+                      "--out", tmp_path / "r", ok=False)
+    assert result.exit_code == 2
+    assert "would sample with LoRAs not trained on the ablation's data (ride -> ride-0-theirs)" in result.output
+    assert "--set bank=DIR" in result.output
+    assert not (tmp_path / "r").exists()
