@@ -413,10 +413,10 @@ def ablate(opts: AblateOptions) -> AblateSummary:
                 _check_sampling(run, RowLoRAs.of(run, opts, hashes))
             counts.generated += _generate(run, plan, opts)
         shard.barrier()
-        after = run_status(run, plan, opts, metrics, hashes) if shard.main else None
-        if after is not None and after.foreign:  # made now with another LoRA: never scored or tabled
+        after = shard.share(run_status(run, plan, opts, metrics, hashes) if shard.main else None)
+        if after.foreign:  # made now with another LoRA: never scored or tabled (every process stops)
             raise _foreign_error({name: after})
-        if after is not None and after.scored < s.total:
+        if shard.main and after.scored < s.total:
             counts.scored += _score(run, opts, metrics)
         shard.barrier()
     written, tables = [], {}
