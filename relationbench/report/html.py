@@ -332,23 +332,14 @@ def ablation_html(a: Ablation) -> str:
         parts.append('<p class="empty">No table.csv yet: the ablation has not finished (rerun '
                      "<code>relbench ablate</code>).</p>")
     else:
-        t = a.table.set_index(["variant", "kind", "metric"])
-        rows = []
-        for v in variants:
-            cells = []
-            for kind in kinds:
-                for metric in metrics:
-                    key = (v["name"], kind, metric)
-                    if key not in t.index:
-                        cells.append('<td class="missing">–</td>')
-                        continue
-                    row = t.loc[key]
-                    half = (row["ci_high"] - row["ci_low"]) / 2
-                    shown = digits(metric, meta.get("protocol"))
-                    cells.append(f'<td>{_number(row["mean"], shown)}<span class="ci"> ± {_number(half, shown)}'
-                                 f"</span></td>")
-            ref = ' class="reference"' if v["name"] == meta["reference"] else ""
-            rows.append(f'<tr{ref}><th class="run">{_method_link(v)}</th>{"".join(cells)}</tr>')
+        protocol = meta.get("protocol")
+
+        def mean_cell(metric: str, row) -> str:
+            shown = digits(metric, protocol)
+            half = (row["ci_high"] - row["ci_low"]) / 2
+            return f'<td>{_number(row["mean"], shown)}<span class="ci"> ± {_number(half, shown)}</span></td>'
+
+        rows = _variant_rows(a.table, variants, kinds, metrics, mean_cell, reference=meta["reference"])
         parts.append(f'<div class="table"><table>{head}<tbody>{"".join(rows)}</tbody></table></div>')
     if a.paired is not None:
         parts.append(_paired_html(a, head, kinds, metrics, variants))
@@ -360,28 +351,32 @@ def ablation_html(a: Ablation) -> str:
     return "".join(parts)
 
 
+def _variant_rows(frame: pd.DataFrame, variants: list[dict], kinds: list[str], metrics: list[str], cell,
+                  reference: str | None = None) -> list[str]:
+    """A table row per variant: its name (linking to its run's gallery), then per kind and
+    metric cell(metric, the frame's row) or "–" where the frame has none; `reference` marked."""
+    indexed = frame.set_index(["variant", "kind", "metric"])
+    rows = []
+    for v in variants:
+        cells = [cell(metric, indexed.loc[key]) if (key := (v["name"], kind, metric)) in indexed.index
+                 else '<td class="missing">–</td>' for kind in kinds for metric in metrics]
+        mark = ' class="reference"' if v["name"] == reference else ""
+        rows.append(f'<tr{mark}><th class="run">{_method_link(v)}</th>{"".join(cells)}</tr>')
+    return rows
+
+
 def _paired_html(a: Ablation, head: str, kinds: list[str], metrics: list[str], variants: list[dict]) -> str:
     """Each variant minus the reference, paired by case: the difference and its 95% interval,
     coloured where the interval excludes 0 (green: better by the metric's direction)."""
-    p = a.paired.set_index(["variant", "kind", "metric"])
-    rows = []
-    for v in variants:
-        if v["name"] == a.meta["reference"]:
-            continue
-        cells = []
-        for kind in kinds:
-            for metric in metrics:
-                key = (v["name"], kind, metric)
-                if key not in p.index:
-                    cells.append('<td class="missing">–</td>')
-                    continue
-                row = p.loc[key]
-                low, high = row["ci_low"], row["ci_high"]
-                better = column_spec(metric).direction == "higher"
-                verdict = ("better" if (low > 0) == better else "worse") if low > 0 or high < 0 else ""
-                shown = digits(metric, a.meta.get("protocol")) + 1  # differences: one more, as table.md
-                cells.append(f'<td class="{verdict}">{_number(row["diff"], shown, sign=True)}<span class="ci"> '
-                             f"[{_number(low, shown, sign=True)}, {_number(high, shown, sign=True)}]</span></td>")
-        rows.append(f'<tr><th class="run">{_method_link(v)}</th>{"".join(cells)}</tr>')
+    def diff_cell(metric: str, row) -> str:
+        low, high = row["ci_low"], row["ci_high"]
+        better = column_spec(metric).direction == "higher"
+        verdict = ("better" if (low > 0) == better else "worse") if low > 0 or high < 0 else ""
+        shown = digits(metric, a.meta.get("protocol")) + 1  # differences: one more, as table.md
+        return (f'<td class="{verdict}">{_number(row["diff"], shown, sign=True)}<span class="ci"> '
+                f"[{_number(low, shown, sign=True)}, {_number(high, shown, sign=True)}]</span></td>")
+
+    reference = a.meta["reference"]
+    rows = _variant_rows(a.paired, [v for v in variants if v["name"] != reference], kinds, metrics, diff_cell)
     return (f'<h4>Paired difference vs {_e(a.meta["reference"])} (same cases; 95% paired bootstrap)</h4>'
             f'<div class="table"><table>{head}<tbody>{"".join(rows)}</tbody></table></div>')
