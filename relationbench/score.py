@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import os
 import time
@@ -601,11 +602,19 @@ def _model_dtype(opts: ScoreOptions, device: str | None = None):
     return resolve_dtype(opts.model_dtype, device or resolve_device(opts.device))
 
 
-def _vqa_id(backbone: "Backbone", opts: ScoreOptions, dtype_name: str) -> str:
-    """The VLM's id (scorer.id); `dtype_name` (the encoders') does not apply to it."""
-    from .metrics.vqa import vqa_id
+def settings_tag(*settings, ignore: Sequence[str] = ("batch_size", "workers")) -> str:
+    """"settings:<digest>" of scorer settings dataclasses (all fields but `ignore`, which change
+    how fast, not what): part of a family's score group, so that values computed under other
+    settings (another VQA question, detector threshold, crop margin) are never taken as done."""
+    values = [{k: v for k, v in dataclasses.asdict(x).items() if k not in ignore} for x in settings]
+    return "settings:" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
-    return vqa_id(backbone, _model_dtype(opts))
+
+def _vqa_id(backbone: "Backbone", opts: ScoreOptions, dtype_name: str) -> str:
+    """The VLM's id (scorer.id) and its settings' tag; `dtype_name` (the encoders') does not apply to it."""
+    from .metrics.vqa import VQASettings, vqa_id
+
+    return f"{vqa_id(backbone, _model_dtype(opts))} + {settings_tag(VQASettings())}"
 
 
 def _vqa_load(backbone: "Backbone", opts: ScoreOptions, device: str, dtype, enc, refs) -> FamilyScorer:
@@ -615,13 +624,15 @@ def _vqa_load(backbone: "Backbone", opts: ScoreOptions, device: str, dtype, enc,
 
 
 def _grounded_id(backbone: "Backbone", opts: ScoreOptions, dtype_name: str) -> str:
-    """The detector's id (scorer.id), then the crop encoders' and the protocol's: all three set
-    the values, so a row is done only under the same three."""
+    """The detector's id (scorer.id), then the crop encoders', the protocol's and the settings'
+    tag: all of them set the values, so a row is done only under the same ones."""
     from .devices import dtype_name as name_of
-    from .metrics.detector import detector_id
+    from .metrics.detector import DetectorSettings, detector_id
+    from .metrics.grounded import GroundedSettings
 
     return " + ".join((detector_id(backbone, name_of(_model_dtype(opts))),
-                       *encoder_ids(backbone, opts.clip, dtype_name), opts.protocol))
+                       *encoder_ids(backbone, opts.clip, dtype_name), opts.protocol,
+                       settings_tag(GroundedSettings(), DetectorSettings())))
 
 
 def _grounded_load(backbone: "Backbone", opts: ScoreOptions, device: str, dtype, enc: _Encoders,

@@ -255,12 +255,39 @@ def test_family_models_take_their_own_dtype():
 
     tiny = get_backbone("tiny")
     auto = ScoreOptions(paths=[], device="cpu")  # auto on the CPU: fp32, no suffix
-    assert _vqa_id(tiny, auto, "fp32") == "tiny:qwen2.5-vl-seed0"
+    assert _vqa_id(tiny, auto, "fp32").split(" + ")[0] == "tiny:qwen2.5-vl-seed0"
     half = ScoreOptions(paths=[], device="cpu", model_dtype="bf16")
-    assert _vqa_id(tiny, half, "fp32") == "tiny:qwen2.5-vl-seed0@bf16"
-    detector, clip, dino, protocol = _grounded_id(tiny, half, "fp32").split(" + ")
+    assert _vqa_id(tiny, half, "fp32").split(" + ")[0] == "tiny:qwen2.5-vl-seed0@bf16"
+    detector, clip, dino, protocol, _ = _grounded_id(tiny, half, "fp32").split(" + ")
     assert detector.endswith("@bf16") and not clip.endswith("@bf16") and not dino.endswith("@bf16")
     assert protocol == "paper"
+
+
+def test_family_score_groups_change_with_the_scorer_settings(monkeypatch):
+    """Values computed with another VQA question, detector threshold or crop margin are never
+    taken as done: the settings are part of the family's score group (its model id)."""
+    import dataclasses
+
+    import relationbench.metrics.detector as detector
+    import relationbench.metrics.grounded as grounded
+    import relationbench.metrics.vqa as vqa
+    from relationbench.backbones import get_backbone
+    from relationbench.score import ScoreOptions, _grounded_id, _vqa_id, settings_tag
+
+    tiny, opts = get_backbone("tiny"), ScoreOptions(paths=[], device="cpu")
+    vqa_before, grounded_before = _vqa_id(tiny, opts, "fp32"), _grounded_id(tiny, opts, "fp32")
+    assert vqa_before == f"tiny:qwen2.5-vl-seed0 + {settings_tag(vqa.VQASettings())}"
+    # speed settings do not count
+    assert settings_tag(vqa.VQASettings()) == settings_tag(vqa.VQASettings(batch_size=1, workers=0))
+    for module, cls, change in ((vqa, "VQASettings", {"question": "Is it {text}?"}),
+                                (detector, "DetectorSettings", {"threshold": 0.2}),
+                                (grounded, "GroundedSettings", {"margin": 0.1})):
+        with monkeypatch.context() as m:
+            original = getattr(module, cls)
+            m.setattr(module, cls, lambda original=original, change=change: dataclasses.replace(original(), **change))
+            after = (_vqa_id(tiny, opts, "fp32"), _grounded_id(tiny, opts, "fp32"))
+        assert after != (vqa_before, grounded_before)
+        assert (after[0] == vqa_before) == (cls != "VQASettings")
 
 
 def test_family_scorers_see_whether_the_run_took_the_case_boxes(env, fakes, monkeypatch):
