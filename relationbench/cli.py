@@ -146,20 +146,13 @@ def prompts_import(file, name, mapping, subjects_from, image_root, out, force):
     predicate by spaCy, marked `predicate_source:` for review, standard boxes, seeds from the id).
     An authors' config becomes one case whose subjects' images are its images_path files.
     """
-    from .suites import load_suite, prompts_dir
-    from .suites.authors_config import import_authors_config, is_authors_config
-    from .suites.importer import import_cases, write_suite
+    from .suites import prompts_dir
+    from .suites.importer import import_suite_file, write_suite
 
     name = (out or file).stem if name is None else name
     out = out or prompts_dir() / f"{name}.yaml"
-    if is_authors_config(file):
-        if mapping:
-            raise UserError("--map renames case-list columns; this file is an authors' inference config", path=file)
-        data, notes = import_authors_config(file, out, name, image_root)
-    elif image_root is not None:
-        raise UserError("--image-root is for an authors' inference config; this file is a case list", path=file)
-    else:
-        data, notes = import_cases(file, name, load_suite(subjects_from), _parse_pairs(mapping, "--map")), []
+    data, notes = import_suite_file(file, name, out, mapping=_parse_pairs(mapping, "--map"),
+                                    subjects_from=subjects_from, image_root=image_root)
     write_suite(data, out, force=force)
     click.echo(f"wrote {len(data['cases'])} cases to {out}")
     for note in notes:

@@ -30,7 +30,7 @@ import yaml
 
 from ..errors import UserError
 from ..userfiles import load_json, read_text, show, text_problem
-from .loader import check_suite_name, parse_suite, subject_entry
+from .loader import check_suite_name, load_suite, parse_suite, subject_entry
 from .model import Suite
 from .predicates import extract_predicate, predicate_backend
 
@@ -126,6 +126,24 @@ def import_cases(
     }
     parse_suite(data, path)  # the same validation as any suite file, naming the imported file
     return data
+
+
+def import_suite_file(path: Path, name: str, out: Path, *, mapping: Mapping[str, str] | None = None,
+                      subjects_from: str = "relationbench",
+                      image_root: Path | None = None) -> tuple[dict[str, Any], list[str]]:
+    """(the suite file's data, notes for the user) of a case list (JSON, JSONL, CSV: import_cases,
+    subjects named from the `subjects_from` suite's registry) or of the RelationBooth authors'
+    inference config (authors_config.py; `out`: where the suite will be, as its image paths are
+    written relative to it). Refuses an option that does not apply to the file's kind."""
+    from .authors_config import import_authors_config, is_authors_config
+
+    if is_authors_config(path):
+        if mapping:
+            raise UserError("--map renames case-list columns; this file is an authors' inference config", path=path)
+        return import_authors_config(path, out, name, image_root)
+    if image_root is not None:
+        raise UserError("--image-root is for an authors' inference config; this file is a case list", path=path)
+    return import_cases(path, name, load_suite(subjects_from), mapping), []
 
 
 def write_suite(data: dict[str, Any], out: Path, force: bool = False) -> None:
