@@ -35,13 +35,13 @@ from typing import Any, Mapping, Sequence
 
 from .errors import UserError
 from .methods.cards import cards_dir, default_registry, parse_set
+from .report.aggregate import KINDS
+from .report.aggregate import METRICS as PAPER_METRICS
 from .runs import atomic_write_text
 from .suites import Case, load_suite
 
 ABLATION_JSON = "ablation.json"
 ALL = "all"
-PAPER_METRICS = ("clip_t", "clip_r", "clip_i", "dino")
-KINDS = ("single", "multi")
 COMPONENT_KEYS = {"component", "title", "paper", "method", "reference", "kinds", "metrics", "variants"}
 
 
@@ -521,8 +521,10 @@ def write_ablation(component: Component, rows: Sequence[Row], cases: Sequence[Ca
     and the markdown table."""
     from .report.ablation_tables import ablation_frames, paired_markdown, table_latex, table_markdown
     from .report.charts import bar_chart
+    from .score import ScoreIds
 
-    table, paired, digits = ablation_frames(component, rows, cases, plan.per_case, opts)
+    ids = ScoreIds(_score_options(opts, [], component.metrics))
+    table, paired, digits = ablation_frames(component, rows, cases, plan.per_case, opts, ids)
     folder.mkdir(parents=True, exist_ok=True)
     title = f"{component.title}" + (f" (paper {component.paper})" if component.paper else "")
     markdown = table_markdown(component, table, digits, title)

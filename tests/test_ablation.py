@@ -197,7 +197,26 @@ def test_charts_are_reproducible(tmp_path):
     second = [p.read_bytes() for p in bar_chart(rows, "clip_t", ["A", "B"], tmp_path / "b")]
     assert first == second
     svg = first[1].decode()
-    assert svg.count("<g id=\"patch_") >= 4 and "A" in svg and "Single-object" in svg
+    assert "Single-object" in svg and "Multi-object" in svg and ">A<" in svg and ">B<" in svg
+    # bars start at 0 and end at their means: in the PNG, the height of each bar (its colour's
+    # tallest pixel column; the whisker crosses only the middle columns) is proportional to its mean
+    from io import BytesIO
+
+    from PIL import Image
+
+    from relationbench.report.charts import COLORS
+
+    pixels = np.asarray(Image.open(BytesIO(first[0])).convert("RGB")).astype(int)
+    heights = {}
+    for row, colour in enumerate(COLORS[:2]):
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        per_column = (np.abs(pixels - rgb).max(axis=-1) == 0).sum(axis=0)
+        columns = np.flatnonzero(per_column > 20)  # the legend's swatch is shorter than this
+        groups = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)
+        heights[row] = [per_column[g].max() for g in groups]
+    (a_single, a_multi), (b_single, b_multi) = heights[0], heights[1]
+    for got, want in ((a_single / a_multi, 20 / 18), (b_single / b_multi, 22 / 19.5), (a_single / b_single, 20 / 22)):
+        assert got == pytest.approx(want, rel=0.03)
 
 
 # -- end to end on tiny -------------------------------------------------------------------

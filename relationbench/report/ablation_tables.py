@@ -17,18 +17,18 @@ from tabulate import tabulate
 
 from ..metrics.registry import PAPER, column_metric, column_spec
 from ..runs import FAMILY_GROUP, SCORE_GROUP
-from .aggregate import compare, load_scores, summarize
+from .aggregate import KIND_TITLES, compare, load_scores, summarize
 from .gallery import digits as column_digits
 from .leaderboard import Cell, _fmt, _marks, _md_cell, _tex_tabular, tex_escape
 
 if TYPE_CHECKING:
     from ..ablation import AblateOptions, Component, Row
+    from ..score import ScoreIds
     from ..suites import Case
 
 TABLE_COLUMNS = ("variant", "run", "kind", "metric", "mean", "ci_low", "ci_high", "n_cases", "n_images")
 PAIRED_COLUMNS = ("variant", "reference", "kind", "metric", "n_cases", "mean_variant", "mean_reference", "diff",
                   "ci_low", "ci_high")
-KIND_TITLES = {"single": "Single-object", "multi": "Multi-object"}
 
 
 def _family(metric: str) -> str:
@@ -45,14 +45,11 @@ def _scores(run_dir, family: str, group: tuple[str, ...], cases: set[str], per_c
 
 
 def ablation_frames(component: "Component", rows: Sequence["Row"], cases: Sequence["Case"], per_case: int,
-                    opts: "AblateOptions") -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+                    opts: "AblateOptions", ids: "ScoreIds") -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     """(the table in long form, TABLE_COLUMNS; the paired differences against the reference,
-    PAIRED_COLUMNS; decimals per metric)."""
-    from ..ablation import _score_options
+    PAIRED_COLUMNS; decimals per metric). ids: the score groups of the ablation's scoring."""
     from ..report.aggregate import run_label
-    from ..score import ScoreIds
 
-    ids = ScoreIds(_score_options(opts, [], component.metrics))
     backbone = "tiny" if opts.backbone == "tiny" else "sdxl"
     wanted = {c.id for c in cases}
     families = list(dict.fromkeys(_family(m) for m in component.metrics))

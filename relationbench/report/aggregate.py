@@ -26,6 +26,7 @@ from ..runs import SCORES as SCORES_CSV
 
 METRICS = ("clip_t", "clip_r", "clip_i", "dino")
 KINDS = ("single", "multi")
+KIND_TITLES = {"single": "Single-object", "multi": "Multi-object", "all": "All"}  # as the paper's tables
 ALL = "all"
 RUN_COLUMNS = ("run", "run_dir", "suite", "method", "backbone")
 # a summary row of the paper family has an empty model; one of another family empty GROUP columns

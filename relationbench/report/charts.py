@@ -16,7 +16,6 @@ import pandas as pd
 # matplotlib's tab10, in order: row i always has colour i, in every chart
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf")
-KIND_TITLES = {"single": "Single-object", "multi": "Multi-object", "all": "All"}
 
 
 def bar_chart(rows: pd.DataFrame, metric: str, order: Sequence[str], out_stem: Path, *, title: str = "",
@@ -32,6 +31,7 @@ def bar_chart(rows: pd.DataFrame, metric: str, order: Sequence[str], out_stem: P
 
     from ..metrics.registry import column_spec
     from ..runs import atomic_write_bytes
+    from .aggregate import KIND_TITLES
 
     spec = column_spec(metric)
     kinds = list(dict.fromkeys(rows["kind"]))
