@@ -218,8 +218,7 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids: Callable[[str, str], tuple[str
     (paper: protocol and encoder ids; other families: the model id)."""
     run = RunDir(run_dir)
     meta = run.read_meta() or {}
-    made_with = (meta.get("backbone") or {}).get("name", "sdxl")
-    backbone = ("tiny" if made_with == "tiny" else "sdxl") if opts.backbone == "auto" else opts.backbone
+    backbone = _scoring_backbone(meta, opts)
     plan = RunPlan(run, meta, backbone)
     suite, plan.drift = _run_suite(meta, run)
     # one image per (case, sample): a regenerated image's later manifest line wins, and only
@@ -240,7 +239,7 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids: Callable[[str, str], tuple[str
         if family in families:
             plan.tables[family] = table
             group = ids(family, backbone)
-            done[family] = {image_key(r) for r in kept if tuple(r[c] for c in group_columns) == group}
+            done[family] = _in_group(kept, group_columns, group)
     for key, record in latest.items():
         pending = {f for f in families if key not in done[f]}
         if not pending:
@@ -256,6 +255,17 @@ def _plan(run_dir: Path, opts: ScoreOptions, ids: Callable[[str, str], tuple[str
     if any(f == PAPER or FAMILY_SOURCES[f].encoders for it in plan.items for f in it.families):
         _check_subject_images(meta, suite, run)  # before any work: these families read the references
     return plan
+
+
+def _scoring_backbone(meta: dict[str, Any], opts: ScoreOptions) -> str:
+    """The backbone whose encoders score a run: its own (tiny runs tiny) unless --backbone says."""
+    made_with = (meta.get("backbone") or {}).get("name", "sdxl")
+    return ("tiny" if made_with == "tiny" else "sdxl") if opts.backbone == "auto" else opts.backbone
+
+
+def _in_group(rows: list[dict], group_columns: Sequence[str], group: tuple[str, ...]) -> set[tuple[str, int]]:
+    """The images of the rows made with score group `group`."""
+    return {image_key(r) for r in rows if tuple(r[c] for c in group_columns) == group}
 
 
 def _columns(family: str) -> tuple[str, ...]:
@@ -838,16 +848,14 @@ def scored_images(run_dir: str | Path, opts: ScoreOptions) -> set[tuple[str, int
     families = list(dict.fromkeys(m.family for m in parse_metrics(opts.metrics)))
     ids = ScoreIds(opts)
     run = RunDir(run_dir)
-    made_with = ((run.read_meta() or {}).get("backbone") or {}).get("name", "sdxl")
-    backbone = ("tiny" if made_with == "tiny" else "sdxl") if opts.backbone == "auto" else opts.backbone
+    backbone = _scoring_backbone(run.read_meta() or {}, opts)
     latest = run.latest()
     done = set(latest)
     for family in families:
         table = run.score_table() if family == PAPER else run.family_table(family, _columns(family))
         group_columns = PAPER_GROUP if family == PAPER else FAMILY_GROUP
         kept, _ = _current_rows(run, latest, table.read() if table.path.exists() else [], group_columns)
-        group = ids(family, backbone)
-        done &= {image_key(r) for r in kept if tuple(r[c] for c in group_columns) == group}
+        done &= _in_group(kept, group_columns, ids(family, backbone))
     return done
 
 
