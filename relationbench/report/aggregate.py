@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -241,7 +241,13 @@ def summarize(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, level: float 
 def summarize_runs(run_dirs: Sequence[str | Path], n_boot: int = 1000, seed: int = 0,
                    level: float = 0.95) -> pd.DataFrame:
     """Every family's summary of the runs (scores.csv and each scores-<family>.csv) in one frame."""
-    parts = [summarize(load_scores(run_dirs, f), n_boot, seed, level, family=f) for f in FAMILIES]
+    return summarize_families({f: load_scores(run_dirs, f) for f in FAMILIES}, n_boot, seed, level)
+
+
+def summarize_families(frames: Mapping[str, pd.DataFrame], n_boot: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> pd.DataFrame:
+    """summarize() of each family's scores (family -> load_scores(..., family)) in one frame."""
+    parts = [summarize(df, n_boot, seed, level, family=f) for f, df in frames.items()]
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(SUMMARY_COLUMNS))
 

@@ -3,8 +3,8 @@ the subjects' reference images, the ablation folders; and the thumbnails the pag
 
 An image is the manifest's current line of its (case, sample) whose file is on disk; its
 scores are the rows of every score file of its run for that (case, sample), which
-`aggregate.load_scores` has checked to be of that very image (its sha256) and one per score
-group. A case mean is `aggregate.case_means` (the leaderboard's own definition).
+`aggregate.load_scores` (read once by the caller, for the leaderboard too) has checked to be
+of that very image (its sha256) and one per score group. A case mean is `aggregate.case_means` (the leaderboard's own definition).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 from PIL import Image
@@ -27,11 +27,11 @@ from ..data import reference_images, sha256_file
 from ..errors import UserError
 from ..images import read_image
 from ..metrics.protocols import PROTOCOLS
-from ..metrics.registry import FAMILIES, PAPER, column_spec
+from ..metrics.registry import PAPER, column_spec
 from ..runs import FAMILY_GROUP, SCORE_GROUP, RunDir, atomic_write_bytes
 from ..score import run_suite
 from ..suites import Case
-from .aggregate import case_means, load_scores, run_label, summary_metrics
+from .aggregate import case_means, run_label, summary_metrics
 
 THUMB_SIZE = 192  # px on the long side: four samples side by side on a laptop screen
 THUMB_QUALITY = 85  # JPEG: about 10 kB per thumbnail
@@ -89,9 +89,10 @@ class Gallery:
         return sum(len(s) for v in self.cases for s in v.samples.values())
 
 
-def collect(run_dirs: Sequence[Path], data_root: Path) -> Gallery:
-    """Every run's current images, matched to their cases and scores."""
-    columns, values, means = _scores(run_dirs)
+def collect(run_dirs: Sequence[Path], data_root: Path, scores: Mapping[str, pd.DataFrame]) -> Gallery:
+    """Every run's current images, matched to their cases and to their scores (family ->
+    load_scores(run_dirs, family))."""
+    columns, values, means = _scores(scores)
     warnings: list[str] = []
     views: dict[tuple[str, str], CaseView] = {}
     order: dict[tuple[str, str], int] = {}
@@ -138,13 +139,12 @@ def _references(subject, root: Path, warnings: list[str]) -> list[Reference]:
     return [Reference(p, sha256_file(p)) for p in files]
 
 
-def _scores(run_dirs: Sequence[Path]):
+def _scores(scores: Mapping[str, pd.DataFrame]):
     """(the columns; (run folder, case_id, index) -> {key: value}; (run folder, case_id) -> {key: mean})."""
     columns: list[ScoreColumn] = []
     values: dict[tuple[str, str, int], dict[str, float]] = {}
     means: dict[tuple[str, str], dict[str, float]] = {}
-    for family in FAMILIES:
-        df = load_scores(run_dirs, family)
+    for family, df in scores.items():
         if df.empty:
             continue
         group_columns = list(SCORE_GROUP if family == PAPER else FAMILY_GROUP)

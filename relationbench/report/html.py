@@ -27,10 +27,10 @@ import pandas as pd
 
 from ..data import data_root
 from ..errors import UserError
-from ..metrics.registry import column_spec
+from ..metrics.registry import FAMILIES, column_spec
 from ..runs import atomic_write_bytes, atomic_write_text
 from ..score import find_runs
-from .aggregate import summarize_runs
+from .aggregate import load_scores, summarize_families
 from .gallery import Ablation, Gallery, Thumbs, collect, digits, find_ablations, href
 from .layouts import COLORS
 from .leaderboard import METRIC_NAMES, Cell, Extended, Section, report_tables
@@ -81,8 +81,9 @@ def write_report(opts: ReportOptions) -> ReportSummary:
     files = page.with_name(f"{page.stem}_files")
 
     # 2. what the page shows (a UserError here leaves nothing written)
-    gallery = collect(runs, data_root(opts.data_dir))
-    summary = summarize_runs(runs, n_boot=opts.n_boot, seed=opts.seed)
+    scores = {f: load_scores(runs, f) for f in FAMILIES}  # read and checked once, for both
+    gallery = collect(runs, data_root(opts.data_dir), scores)
+    summary = summarize_families(scores, n_boot=opts.n_boot, seed=opts.seed)
     page.parent.mkdir(parents=True, exist_ok=True)
 
     # 3. thumbnails of every sample and reference, made once
