@@ -120,7 +120,7 @@ def test_base_fallback_is_msdiffusion_and_recorded(env, tmp_path):
     empty = tmp_path / "empty-bank"
     relbench("generate", "--method", "relationbooth", "--backbone", "tiny", "--suite", "relationbench",
              "--cases", "rb-s-006", "--set", f"bank={empty}", "--set", "allow_base_fallback=true",
-             "--set", "local_tokens=0", "--out", tmp_path / "rb", *FAST)
+             "--out", tmp_path / "rb", *FAST)  # with the default 16 local tokens: none in the base-model group
     relbench("generate", "--method", "msdiffusion", "--backbone", "tiny", "--suite", "relationbench",
              "--cases", "rb-s-006", "--set", "guidance_scale=5.0", "--out", tmp_path / "ms", *FAST)
     line = manifest(tmp_path / "rb")["rb-s-006"]
@@ -155,10 +155,13 @@ def test_n_local_tokens_reach_the_resampler(env, count, monkeypatch):
         case = load_suite("relationbench").case("rb-m-011")
         method.check([case])
         method.load()
-        method.generate([Request(case, 0, 5)])
+        method.generate([Request(case, 0, 5)])  # no LoRA: the base-model group, MS-Diffusion alone
+        assert seen and set(seen) == {257}
+        seen.clear()
+        method.use_lora_modules("a-lora", {})  # a LoRA's group (and training): the local tokens
         method.reference_tokens([method.reference(case.subjects[1])], [case.subjects[1].class_noun],
                                 torch.tensor([[0.1, 0.1, 0.9, 0.9]]))  # training's path
-        assert len(seen) >= 2 and set(seen) == {257 + count}
+        assert seen and set(seen) == {257 + count}
         if count:  # MS-Diffusion's 257 tokens, then the stock tower's pooled dense features at 224 px (tiny)
             from relationbench.methods.msdiffusion import MSDiffusionMethod
             from relationbench.methods.relationbooth.local_tokens import clip_pixels, dense_features, pool_grid

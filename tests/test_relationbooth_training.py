@@ -100,6 +100,20 @@ def test_inputs_and_batches(method, mixed):
     assert a.latents.shape == (3, 4, RES // 8, RES // 8) and 0 <= a.timesteps.min() and a.timesteps.max() < 1000
 
 
+def _count_local(monkeypatch, calls: dict) -> None:
+    """calls["local"]: calls of the local encoder (LocalEncoder.tokens), which never runs the
+    tower's forward (dense_features calls its layers), so the CLIP hook does not count it."""
+    from relationbench.methods.relationbooth.local_tokens import LocalEncoder
+
+    tokens = LocalEncoder.tokens
+
+    def counting(self, *args, **kw):
+        calls["local"] += 1
+        return tokens(self, *args, **kw)
+
+    monkeypatch.setattr(LocalEncoder, "tokens", counting)
+
+
 def test_fixed_inputs_are_encoded_once(method, triplets, monkeypatch):
     """One text-encoder call for every distinct prompt, one CLIP call for every reference, one
     VAE call per target and per distinct reference content (a sample repeating another's
@@ -108,8 +122,10 @@ def test_fixed_inputs_are_encoded_once(method, triplets, monkeypatch):
     again = dataclasses.replace(hug[0], id="again")
     pipe = method.pipe
     method._embeds.clear()  # the fixture's references were encoded already
-    calls = {"vae": 0, "clip": 0, "prompts": []}
+    method._features.clear()
+    calls = {"vae": 0, "clip": 0, "local": 0, "prompts": []}
     vae_encode, encode_prompt = pipe.vae.encode, pipe.encode_prompt
+    _count_local(monkeypatch, calls)
 
     def count_vae(x):
         calls["vae"] += 1
@@ -128,6 +144,7 @@ def test_fixed_inputs_are_encoded_once(method, triplets, monkeypatch):
         handle.remove()
     assert calls["prompts"] == [list(dict.fromkeys([hug[0].prompt, hug[1].prompt]))]
     assert calls["clip"] == 1  # the 4 references in one chunk, not again per sample
+    assert calls["local"] == 1  # and their local tokens (the 896 px pass on sdxl) likewise
     assert calls["vae"] == 3 + 4  # 3 targets, 4 distinct references
     assert torch.equal(inputs[2].ref_latents, inputs[0].ref_latents) and torch.equal(inputs[2].tokens, inputs[0].tokens)
 
@@ -139,7 +156,8 @@ def test_what_the_settings_do_not_train_with_is_not_encoded(method, triplets, mo
     reference goes through the image encoder (the blank prompt does, once)."""
     other = RelationBoothMethod(dataclasses.replace(method.settings, **change), method.context)
     other.load()  # the backbone's cached pipeline: processors put back by close()
-    calls = {"vae": 0, "clip": 0}
+    calls = {"vae": 0, "clip": 0, "local": 0}
+    _count_local(monkeypatch, calls)
     try:
         vae_encode = other.pipe.vae.encode
 
@@ -155,7 +173,7 @@ def test_what_the_settings_do_not_train_with_is_not_encoded(method, triplets, mo
             handle.remove()
     finally:
         other.close()
-    assert calls == {"vae": vae, "clip": clip}
+    assert calls == {"vae": vae, "clip": clip, "local": clip}
     assert all(r.ref_latents is None for r in inputs) and inputs[0].tokens.shape[0] == 2
 
 

@@ -168,18 +168,25 @@ class MSDiffusionMethod(PipelineMethod):
     @torch.inference_mode()
     def encode_references(self, paths: Sequence[str]) -> None:
         """image_tokens() of each reference image file, once per file."""
+        self.encode_files(paths, self._embeds, self.image_tokens)
+
+    @torch.inference_mode()
+    def encode_files(self, paths: Sequence[str], cache: dict, encode) -> None:
+        """cache[path] = encode(images)[k] for each reference file not yet in `cache`, read as
+        the references are (the one image reader, resized to REFERENCE_SIZE square, bicubic),
+        16 files per call of encode(list of PIL images) -> a sequence of one result per image."""
         from PIL import Image
 
         from ...images import read_image
 
-        todo = [p for p in dict.fromkeys(paths) if p not in self._embeds]
+        todo = [p for p in dict.fromkeys(paths) if p not in cache]
         if todo:
             self.pipe  # noqa: B018  (loads and checks the encoder before any image is read)
         for i in range(0, len(todo), 16):
             chunk = todo[i : i + 16]
             images = [read_image(p).resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.Resampling.BICUBIC)
                       for p in chunk]
-            self._embeds.update(zip(chunk, self.image_tokens(images)))
+            cache.update(zip(chunk, encode(images)))
 
     @torch.inference_mode()
     def image_tokens(self, images: Sequence) -> torch.Tensor:

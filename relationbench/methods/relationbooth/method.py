@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from ...data.triplets import TripletSample
 
 LOCAL_ENCODERS = ("auto", "stock", "clipself", *OPEN_CLIP_ENCODERS)  # + "vit-l-14", "eva-clip-l-14"
-_UNSET = object()  # no projection chosen yet (use_projection)
 BLANK = (255, 255, 255)  # the blank image prompt of the "w/o relation-aware data" ablation
 
 
@@ -122,8 +121,10 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         # an open_clip local encoder: its tokens' projection (None: none, the base model's
         # group), the LoRA it came with, and each file's features before it (encode_features)
         self._projection: torch.nn.Module | None = None
-        self._projection_lora: Any = _UNSET
+        self._projection_lora: str | None = None
         self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the base-model group of allow_base_fallback: no LoRA, so no local tokens (MS-Diffusion alone)
+        self._local_off = False
 
     # -- local tokens ----------------------------------------------------------------------------
     @cached_property
@@ -191,15 +192,13 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
 
     def join_local(self, tokens: torch.Tensor, local: torch.Tensor | None) -> torch.Tensor:
         """Image tokens [B, 257, E] and local tokens [B, N, D] -> [B, 257 + N, E]: the local ones
-        through the active projection for an open_clip encoder (none in a base-model group: no
-        local tokens there, as no trained projection exists), as they are otherwise."""
-        if local is None:
+        through the active projection for an open_clip encoder, as they are otherwise. In the
+        base-model group (allow_base_fallback) the image tokens alone: MS-Diffusion as it is."""
+        if local is None or self._local_off:
             return tokens
         if self.projects_local:
-            if self._projection_lora is _UNSET:
-                raise RuntimeError("an open_clip local encoder's tokens need a projection: use_projection first")
             if self._projection is None:
-                return tokens
+                raise RuntimeError("an open_clip local encoder's tokens need a projection: use_projection first")
             weight = self._projection.weight
             local = self._projection(local.to(weight.device, weight.dtype))
         return torch.cat([tokens, local.to(tokens.device, tokens.dtype)], dim=1)
@@ -213,13 +212,11 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         self._projection, self._projection_lora = projection, lora
 
     def use_lora_modules(self, name: str | None, modules: dict) -> None:
-        """The relation's LoRA `name` is active: its `local_projection` becomes the active one
-        (an open_clip encoder; nothing to do otherwise). UserError for a LoRA without one, or
-        with one of another width."""
-        if not self.projects_local or name == self._projection_lora:
-            return
-        if name is None:
-            self.use_projection(None, None)
+        """The relation's LoRA `name` is active (None: the base model, whose group gets no local
+        tokens); an open_clip encoder's `local_projection` becomes the LoRA's. UserError for a
+        LoRA without one, or with one of another width."""
+        self._use_local(name is not None)
+        if not self.projects_local or name is None or name == self._projection_lora:
             return
         weight = modules.get(f"{PROJECTION}.weight")
         want = (self.adapter.cfg.embedding_dim, self.local_width())
@@ -231,20 +228,26 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
                             hint=f"train it again: relbench train --set local_encoder={self.settings.local_encoder}")
         self.use_projection(projection_from(weight).to(self.context.device), name)
 
+    def _use_local(self, on: bool) -> None:
+        """Local tokens on (a LoRA's group, training) or off (the base-model group)."""
+        if on == self._local_off:
+            self._local_off = not on
+            self._embeds.clear()  # joined with or without local tokens: joined again from _features
+
     def accepts_imported(self) -> bool:
         """Imported LoRAs carry no local projection: an open_clip encoder never samples with them."""
         return not self.projects_local
 
     @torch.inference_mode()
     def encode_references(self, paths: Sequence[str]) -> None:
-        """MS-Diffusion's, for a bigG local encoder; for an open_clip one, each file's features
-        encoded once (encode_features) and joined through the active projection into the
-        image tokens, so switching LoRAs re-joins them without encoding anything again."""
-        if not self.projects_local:
+        """MS-Diffusion's without local tokens; with them, each file's features encoded once
+        (encode_features) and joined into its image tokens, so switching LoRAs (another
+        projection, or the base-model group) joins them again without encoding anything."""
+        if not self.settings.local_tokens:
             return super().encode_references(paths)
         self.encode_features(paths)
-        if self._projection_lora is _UNSET:  # before any relation's LoRA (prepare): the tokens wait
-            return
+        if self.projects_local and not self._local_off and self._projection is None:
+            return  # before any relation's LoRA (prepare): the tokens wait for its projection
         for p in dict.fromkeys(paths):
             if p not in self._embeds:
                 tokens, local = self._features[p]
@@ -252,19 +255,18 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
 
     @torch.inference_mode()
     def encode_features(self, paths: Sequence[str]) -> None:
-        """reference_features of each reference file (read as MS-Diffusion reads them), once
-        per file, kept in `_features`."""
-        from PIL import Image
+        """reference_features of each reference file, once per file, kept in `_features`."""
+        self.encode_files(paths, self._features, lambda images: list(zip(*self.reference_features(images))))
 
-        from ...images import read_image
+    def blank_features(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """reference_features of a blank (white) image prompt, computed once: the "w/o
+        relation-aware data" ablation's image prompt."""
+        if "<blank>" not in self._features:
+            from PIL import Image
 
-        todo = [p for p in dict.fromkeys(paths) if p not in self._features]
-        for i in range(0, len(todo), 16):
-            chunk = todo[i : i + 16]
-            images = [read_image(p).resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.Resampling.BICUBIC)
-                      for p in chunk]
-            tokens, local = self.reference_features(images)
-            self._features.update((p, (tokens[k], local[k])) for k, p in enumerate(chunk))
+            tokens, local = self.reference_features([Image.new("RGB", (REFERENCE_SIZE,) * 2, BLANK)])
+            self._features["<blank>"] = (tokens[0], None if local is None else local[0])
+        return self._features["<blank>"]
 
     def reference_inputs(self, images: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         """Training with an open_clip encoder: what join_local reads of one reference per entity,
@@ -275,12 +277,7 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
             self.encode_features(paths)
             features = [self._features[p] for p in paths]
         else:
-            if "<blank>" not in self._features:
-                from PIL import Image
-
-                tokens, local = self.reference_features([Image.new("RGB", (REFERENCE_SIZE,) * 2, BLANK)])
-                self._features["<blank>"] = (tokens[0], local[0])
-            features = [self._features["<blank>"]] * len(images)
+            features = [self.blank_features()] * len(images)
         return torch.stack([f[0] for f in features]), torch.stack([f[1] for f in features])
 
     def run_info(self) -> dict[str, Any]:
@@ -335,12 +332,9 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
                                            boxes.to(dtype))
 
     def blank_tokens(self) -> torch.Tensor:
-        """image_tokens() of a blank (white) image prompt [1, T, E], computed once."""
-        if "<blank>" not in self._embeds:
-            from PIL import Image
-
-            self._embeds["<blank>"] = self.image_tokens([Image.new("RGB", (REFERENCE_SIZE,) * 2, BLANK)])[0]
-        return self._embeds["<blank>"][None]
+        """image_tokens() of a blank (white) image prompt [1, T, E]: blank_features, joined."""
+        tokens, local = self.blank_features()
+        return self.join_local(tokens[None], None if local is None else local[None])
 
     def image_scales(self, n: int) -> torch.Tensor:
         """gamma of each of n subjects [n]: `scale`, or `subject_scales` where set."""
@@ -351,6 +345,7 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         """Train the RelationLoRA of one relation's samples into out_dir (the trainer's folder)."""
         from .training import train_relationlora
 
+        self._use_local(True)  # a LoRA always trains with the local tokens it samples with
         return train_relationlora(self, samples, out_dir, info=info, progress=not self.context.quiet,
                                   data_parallel=data_parallel)
 
@@ -396,8 +391,9 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         is the image encoder close() let go of, a CLIPSelf or open_clip one a tower of its own."""
         super().close()
         self._local = None
-        self._projection, self._projection_lora = None, _UNSET
+        self._projection, self._projection_lora = None, None
         self._features.clear()
+        self._local_off = False
 
     def generate(self, requests: Sequence[Request]) -> list[Sample]:
         """MS-Diffusion's images with the batch's relation LoRA active (one relation per batch)."""
