@@ -21,7 +21,7 @@ from . import __version__
 from .data import data_root, require_images, subject_images_sha256
 from .errors import UserError
 from .methods.cards import parse_set
-from .runs import SEED_RULE, RunDir, image_key, sample_seed
+from .runs import IMAGES_SHA256, SEED_RULE, RunDir, image_key, sample_seed
 from .suites import Case, Suite, load_suite
 
 
@@ -160,19 +160,22 @@ class Shard:
 
 
 def run_meta(suite: Suite, suite_bytes: bytes, card, backbone, dtype_name: str, images_per_case: int,
-             method_info: dict | None = None) -> dict:
+             method_info: dict | None = None, cases: Sequence[Case] = ()) -> dict:
     """What run.json records: enough to say exactly how every image was made. `suite_bytes`:
     the suite file as read once, hashed here and kept as the run's copy; `method_info`: the
-    loaded method's run_info() (what it decided at load time), under method.run."""
+    loaded method's run_info() (what it decided at load time), under method.run; `cases`: the
+    selected ones, whose subjects named by path get their images' sha256 recorded (a rerun
+    with other cases adds its own: RunDir.start)."""
     import diffusers
     import torch
     import transformers
 
-    images = subject_images_sha256(suite.used_subjects())  # subjects named by path: their files' sha256
+    used = {s.name for c in cases for s in c.subjects}
+    images = subject_images_sha256(s for s in suite.used_subjects() if s.name in used)
     return {
         "suite": {"name": suite.name, "version": suite.version,
                   "file_sha256": hashlib.sha256(suite_bytes).hexdigest(),
-                  **({"images_sha256": images} if images else {})},
+                  **({IMAGES_SHA256: images} if images else {})},
         # where the scorer finds it, and whose folder a run's copy resolves relative image paths
         # against (not part of the identity)
         "suite_path": str(Path(suite.path).resolve()),
@@ -229,7 +232,7 @@ def generate(opts: GenerateOptions) -> GenerateSummary:
     # checks every finished image and drops the lines that fail (made again below)
     suite_bytes = Path(suite.path).read_bytes() if shard.main else b""
     meta = (run_meta(suite, suite_bytes, card, backbone, dtype_name(dtype), per_case,
-                     getattr(method, "run_info", dict)())
+                     getattr(method, "run_info", dict)(), cases)
             if shard.main else None)
     with contextlib.closing(method), _main_lock(run, shard, meta, suite_bytes) as main_lock:
         done = run.finished()

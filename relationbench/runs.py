@@ -64,6 +64,36 @@ TMP_SUFFIX = ".tmp"
 SEED_RULE = "sample 0: the case seed; sample k > 0: first 4 bytes of sha256('<case seed>:<k>'), big-endian"
 # run.json keys that must match for a rerun to continue a run
 IDENTITY_KEYS = ("suite", "method", "backbone", "dtype")
+# run.json's suite.images_sha256: subject name -> its images' sha256 (subjects named by path),
+# recorded for the subjects of the cases generated so far; a rerun adds subjects, never changes one
+IMAGES_SHA256 = "images_sha256"
+
+
+def _identity(meta: dict[str, Any], key: str) -> Any:
+    """meta[key] as runs compare it: the suite without its images' sha256 (_merged_images)."""
+    value = meta.get(key)
+    if key == "suite" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != IMAGES_SHA256}
+    return value
+
+
+def _merged_images(old: dict[str, Any], new: dict[str, Any], path: Path) -> dict[str, list[str]]:
+    """The subject images' sha256 of a run and of its rerun, merged; UserError when a subject
+    both recorded has other images now (the method would see other pictures)."""
+    before = (old.get("suite") or {}).get(IMAGES_SHA256) or {}
+    now = (new.get("suite") or {}).get(IMAGES_SHA256) or {}
+    check_subject_images(before, now, path)
+    return {**before, **now}
+
+
+def check_subject_images(recorded: dict[str, list[str]], now: dict[str, list[str]], path: Path) -> None:
+    """UserError naming the subjects recorded in run.json (`path`) whose images' sha256 differ now."""
+    changed = sorted(n for n in recorded.keys() & now.keys() if recorded[n] != now[n])
+    if changed:
+        raise UserError(f"the images of subject(s) {', '.join(changed)} changed after the run was generated "
+                        "(run.json records other sha256)", path=path,
+                        hint="put back the images the run was made from, or generate the run again into "
+                             "another --out folder")
 
 
 def sample_seed(case_seed: int, index: int) -> int:
@@ -132,7 +162,8 @@ class RunDir:
         """
         old = self.read_meta()
         if old is not None:
-            diff = [k for k in IDENTITY_KEYS if old.get(k) != meta.get(k)]
+            images = _merged_images(old, meta, self.run_json)
+            diff = [k for k in IDENTITY_KEYS if _identity(old, k) != _identity(meta, k)]
             if diff:
                 raise UserError(
                     f"this folder holds a different run (differs in: {', '.join(diff)})",
@@ -140,6 +171,8 @@ class RunDir:
                     hint="pass another --out folder, or delete this run to start over",
                 )
             meta = {**old, "images_per_case": max(old.get("images_per_case", 0), meta["images_per_case"])}
+            if images:
+                meta["suite"] = {**meta["suite"], IMAGES_SHA256: images}
             if meta == old:
                 return old
         self.root.mkdir(parents=True, exist_ok=True)

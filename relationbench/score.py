@@ -47,7 +47,8 @@ from .metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS
 from .metrics.protocols import Protocol, get_protocol
 from .metrics.registry import FAMILIES, PAPER, FamilyScorer, ImageItem, family_columns, parse_metrics
 from .metrics.scores import clip_score, mean_pair_cosine
-from .runs import FAMILY_GROUP, SCORE_LOCK, SUITE_COPIES, RunDir, ScoreTable, image_key
+from .runs import (FAMILY_GROUP, IMAGES_SHA256, SCORE_LOCK, SUITE_COPIES, RunDir, ScoreTable, check_subject_images,
+                   image_key)
 from .runs import SCORE_GROUP as PAPER_GROUP
 from .suites import Case, Subject, Suite, available_suites, find_phrase, load_suite
 
@@ -344,16 +345,9 @@ def _check_subject_images(meta: dict[str, Any], suite: Suite, run: RunDir) -> No
     """The images of the subjects named by path are still those the run was generated from
     (run.json's sha256s), so CLIP-I and DINO compare with what the method saw; a missing one
     is reference_images' UserError. Dataset subjects are checked by `relbench data verify`."""
-    recorded = (meta.get("suite") or {}).get("images_sha256") or {}
-    now = subject_images_sha256(suite.used_subjects())
-    changed = sorted(name for name, shas in now.items() if name in recorded and recorded[name] != shas)
-    if changed:
-        raise UserError(
-            f"the images of subject(s) {', '.join(changed)} changed after the run was generated (run.json "
-            "records other sha256)",
-            path=run.run_json,
-            hint="put back the images the run was made from, or generate the run again into another folder",
-        )
+    recorded = (meta.get("suite") or {}).get(IMAGES_SHA256) or {}
+    now = subject_images_sha256(s for s in suite.used_subjects() if s.name in recorded)
+    check_subject_images(recorded, now, run.run_json)
 
 
 def _named_suite_file(meta: dict[str, Any], run: RunDir) -> Path | None:

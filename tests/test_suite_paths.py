@@ -171,9 +171,36 @@ def test_changed_images_are_not_scored_or_resumed_silently(made):
     assert "subject(s) dog changed after the run was generated" in " ".join(res.output.split())
     assert not (run / "scores.csv").exists()
     res = gen("--method", str(card), "--suite", str(suite_file), "--out", str(run))
-    assert res.exit_code == 2 and "different run (differs in: suite)" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "subject(s) dog changed after the run was generated" in " ".join(res.output.split())
     rex1.write_bytes(before)
-    assert "2 image(s) scored" in score(run).output
+
+
+def test_a_run_of_some_cases_records_and_needs_only_their_subjects(project, tmp_path):
+    """The bear's images missing do not stop a run of the dog's case; the run records the dog's
+    images only, and a later run of the bear's case adds the bear's."""
+    suite_file = project / "suites" / "mine.yaml"
+    bear = project / "suites" / "bear"
+    kept = {f.name: f.read_bytes() for f in bear.iterdir()}
+    for f in bear.iterdir():
+        f.unlink()
+    card = tmp_path / "paste.yaml"
+    card.write_text(PASTE)
+    run = tmp_path / "run"
+    res = gen("--method", str(card), "--suite", str(suite_file), "--cases", "t-s-1", "--out", str(run))
+    assert res.exit_code == 0, res.output
+    sha = {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in
+           [(n, project / "pics" / n) for n in ("rex2.png", "rex1.png")]}
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["suite"]["images_sha256"] == {"dog": [sha["rex2.png"], sha["rex1.png"]]}
+    assert "1 image(s) scored" in score(run).output  # the bear's missing images are not looked at
+    for name, data_ in kept.items():
+        (bear / name).write_bytes(data_)
+    res = gen("--method", str(card), "--suite", str(suite_file), "--out", str(run))
+    assert res.exit_code == 0, res.output
+    images = json.loads((run / "run.json").read_text())["suite"]["images_sha256"]
+    assert images == {"dog": [sha["rex2.png"], sha["rex1.png"]],
+                      "bear": [hashlib.sha256((bear / n).read_bytes()).hexdigest() for n in ("a.jpg", "b.png", "c.webp")]}
+    assert "1 image(s) scored, 1 already scored" in score(run).output  # the bear's, with its references
 
 
 def test_same_subject_name_other_images_in_one_scoring(made, tmp_path):
