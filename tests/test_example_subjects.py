@@ -40,8 +40,12 @@ def test_writes_each_subject_once_in_the_layout_generate_reads(tmp_path):
 
 def test_refuses_the_default_root_and_a_used_folder(tmp_path, monkeypatch):
     subject = load_suite("relationbench").case("rb-s-001").subjects[0]
-    with pytest.raises(UserError, match="default data root"):
+    with pytest.raises(UserError, match="data root in use"):
         write_example_subjects(DEFAULT_ROOT, [subject])
+    monkeypatch.setenv("RELBENCH_DATA", str(tmp_path / "mydata"))  # the root generate and score read
+    with pytest.raises(UserError, match="data root in use"):
+        write_example_subjects(tmp_path / "mydata", [subject])
+    assert not (tmp_path / "mydata").exists()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x.txt").write_text("mine")
     with pytest.raises(UserError, match="not an empty folder"):

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import UserError
-from . import DEFAULT_ROOT
+from . import DEFAULT_ROOT, data_root
 from .example_triplets import _PERSON, _QUADRUPED, _draw
 from .triplets import new_folder
 
@@ -67,10 +67,12 @@ def draw_subject(subject, index: int) -> Image.Image:
 def write_example_subjects(out: str | Path, subjects: Iterable) -> list[Path]:
     """Write IMAGES_PER_SUBJECT stand-ins of each dataset subject into `out` (new or empty;
     atomically) and return the subject folders. Subjects named by path are skipped (they have
-    their own images). Raises UserError for the default data root."""
+    their own images). Raises UserError for the data root in use (default or $RELBENCH_DATA):
+    there they would pass for real images without any --data-dir."""
     out = Path(out)
-    if out.expanduser().resolve() == DEFAULT_ROOT.expanduser().resolve():
-        raise UserError("example subjects never go into the default data root (they would pass for real images)",
+    where = out.expanduser().resolve()
+    if where in {DEFAULT_ROOT.expanduser().resolve(), data_root().resolve()}:
+        raise UserError("example subjects never go into the data root in use (they would pass for real images)",
                         path=out, hint="give another folder and pass it to generate and score as --data-dir")
     unique = {(s.source, s.dir): s for s in subjects if not getattr(s, "images", None)}
     folders = []
