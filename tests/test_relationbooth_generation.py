@@ -319,11 +319,13 @@ def test_a_fused_lora_samples_as_the_adapter_and_leaves_the_unet_exactly_as_it_w
             method.check([ride, hug])
             method.load()
             images[fuse] = np.asarray(method.generate([Request(ride, 0, 5)])[0].image, dtype=np.int16)
-            if fuse:
-                assert method._adapters._base is not None  # merged while the group samples
+            assert method._adapters._fused == fuse  # merged while the group samples
+            copies = {k: copy for k, (_, copy) in method._adapters._base.items()}
             method.generate([Request(hug, 0, 5)])  # switching: ride's LoRA unmerged, hug's merged
             assert method._adapters.active == method.lora_for("hug") != method.lora_for("ride")
-            assert (method._adapters._base is not None) == fuse
+            assert method._adapters._fused == fuse and (len(copies) > 0) == fuse
+            # the base weights were copied once, not again at the switch
+            assert all(method._adapters._base[k][1] is copy for k, copy in copies.items())
         finally:
             method.close()
         after = unet.state_dict()

@@ -177,12 +177,17 @@ class BankAdapters:
     SLOT = "bank"  # the hotswap adapter name
 
     def __init__(self, pipe, bank: LoraBank, hotswap: bool = False, fuse: bool = False):
+        if hotswap and fuse:
+            raise ValueError("fuse merges one adapter's weights; hotswap swaps them in a slot: choose one")
         self.pipe, self.bank, self.hotswap, self.fuse = pipe, bank, hotswap, fuse
         self.loaded: list[str] = []  # adapter names this object added (hotswap: [SLOT])
         self.active: str | None = None
         self._states: dict[str, dict] = {}  # hotswap: each LoRA's tensors, read once
         self._disabled = False
-        self._base: list[tuple[Any, Any]] | None = None  # fused: (base layer weight, its copy)
+        # fused: id(base layer weight) -> (the weight, its copy), each copied once (kept to close):
+        # unfusing puts the same bits back, so the copy stays right across switches
+        self._base: dict[int, tuple[Any, Any]] = {}
+        self._fused = False
         self._modules: dict[str, dict] = {}  # LoRA name -> its extra modules' tensors, read once
 
     def prepare(self, names: list[str]) -> None:
@@ -232,23 +237,25 @@ class BankAdapters:
     def _fuse(self, name: str) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        layers = [m.get_base_layer() for m in self.pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
-        self._base = [(layer.weight, layer.weight.detach().clone()) for layer in layers]
+        for layer in (m.get_base_layer() for m in self.pipe.unet.modules() if isinstance(m, BaseTunerLayer)):
+            if id(layer.weight) not in self._base:  # a layer a newly loaded adapter wraps
+                self._base[id(layer.weight)] = (layer.weight, layer.weight.detach().clone())
         with _quiet_diffusers():
-            self.pipe.fuse_lora(components=["unet"], adapter_names=[self.SLOT if self.hotswap else name])
+            self.pipe.fuse_lora(components=["unet"], adapter_names=[name])
+        self._fused = True
 
     def _unfuse(self) -> None:
         """Undo _fuse: unmerge (peft's bookkeeping), then the kept base weights, exactly."""
-        if self._base is None:
+        if not self._fused:
             return
         import torch
 
         with _quiet_diffusers():
             self.pipe.unfuse_lora(components=["unet"])
         with torch.no_grad():
-            for weight, copy in self._base:
+            for weight, copy in self._base.values():
                 weight.copy_(copy)
-        self._base = None
+        self._fused = False
 
     def _load(self, name: str) -> None:
         if name in self.loaded:
@@ -284,6 +291,7 @@ class BankAdapters:
         self.loaded, self.active, self._disabled = [], None, False
         self._states.clear()
         self._modules.clear()
+        self._base.clear()
 
 
 class _quiet_diffusers:

@@ -11,6 +11,7 @@ must not sample with a LoRA trained with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Hashable, Iterable, Sequence
 
@@ -28,9 +29,14 @@ class RelationLoRAs:
     default_bank: bool = True  # the hint names --out only for another bank
     imported: bool = True  # imported LoRAs (no settings digest) stand in when none of the digest is there
 
+    @cached_property
+    def _entries(self) -> list[BankEntry]:
+        """The bank's entries on this backbone, its index read once (a snapshot: build another
+        RelationLoRAs after training into the bank)."""
+        return [e for e in self.bank.entries() if e.base.get("name") == self.backbone]
+
     def candidates(self, relation: str) -> list[BankEntry]:
-        return [e for e in self.bank.entries()
-                if e.info.get("relation") == relation and e.base.get("name") == self.backbone]
+        return [e for e in self._entries if e.info.get("relation") == relation]
 
     def find(self, relation: str) -> str | None:
         """The name of the LoRA `relation` uses, or None when the bank has none usable."""
@@ -132,10 +138,12 @@ class RelationLoRASampling:
             raise UserError(f"this method generates relation cases; {len(missing)} case(s) have no relation "
                             f"(e.g. {missing[0]})", hint="choose a suite with relations, e.g. relationbench")
         relations = sorted({self.group(c) for c in cases})
-        lacking = [r for r in relations if self.selection().find(r) is None]
+        selection = self.selection()
+        lacking = [r for r in relations if selection.find(r) is None]
         if lacking:
             self.train_lacking(lacking)
-        self._loras.update(self.selection().resolve(relations, fallback=self.settings.allow_base_fallback))
+            selection = self.selection()  # the bank as training left it
+        self._loras.update(selection.resolve(relations, fallback=self.settings.allow_base_fallback))
 
     def bank_given(self) -> bool:
         """A bank was named (the `bank` setting, or use_bank()): nothing is trained into it unasked."""
