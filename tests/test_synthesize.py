@@ -256,9 +256,13 @@ def test_cli_refuses_a_non_empty_out_and_an_unknown_generator(tmp_path):
 # -- the documented path: synthesize -> annotate -> check -> train, with known annotators ------------
 
 
+MASKS: list[FixedMasks] = []  # each fixed_masks instance, in load order
+
+
 def fixed_masks(backbone, settings, device):
     """Entry point factory of the `fixed` mask annotator (FixedMasks, every entity found)."""
-    return FixedMasks()
+    MASKS.append(FixedMasks())
+    return MASKS[-1]
 
 
 class FixedKeypoints:
@@ -329,6 +333,8 @@ def test_synthesize_annotates_by_default(tmp_path, fixed_annotators):
                     "--seed", 3, "--backbone", "tiny", "--quiet", *fixed_annotators).output
     assert "hug: 1 kept, 0 set aside" in said and "relbench data show" in said
     assert KEYPOINT_LOADS == ["tiny"]  # loaded once, for synthesize and its annotation
+    # the target detected once (synthesize's finding is annotate's), then each of the two references
+    assert MASKS[-1].calls == 1 + 2
     assert sorted(p.name for p in out.iterdir()) == ["0", "crops", "raw.json", "synthesis.json", "triplets"]
     assert json.loads((out / "synthesis.json").read_text())["annotate"]["mask_annotator"] == "fixed"
     sample, = json.loads((out / "triplets" / "hug" / "triplets.json").read_text())["samples"]
@@ -359,19 +365,23 @@ def _box_detection(box, score) -> Detection:
 
 
 def test_find_entities_uses_the_annotation_rules():
-    from relationbench.data.synthesize import find_entities
+    from relationbench.data import synthesize
+
+    def find_entities(*args):  # the detections as (box, score): their masks are checked copies
+        found = synthesize.find_entities(*args)
+        return found if isinstance(found, str) else [(d.box, d.score) for d in found]
 
     image, rules = Image.new("RGB", (8, 8)), AnnotateSettings()  # threshold 0.3, extra 0.5, same object 0.5
     left = _box_detection((0.0, 0.0, 0.5, 0.5), 0.8)
     right = _box_detection((0.5, 0.5, 1.0, 1.0), 0.9)
     weak = _box_detection((0.5, 0.0, 1.0, 0.5), 0.2)
-    assert find_entities(Listed({"bear": [left], "tiger": [right]}), image, ["bear", "tiger"], rules) == [left, right]
+    assert find_entities(Listed({"bear": [left], "tiger": [right]}), image, ["bear", "tiger"], rules) == [(left.box, left.score), (right.box, right.score)]
     assert find_entities(Listed({"bear": [left], "tiger": [weak]}), image, ["bear", "tiger"], rules) == \
         "target: 'tiger' found 0 time(s) scoring at least 0.3, named 1 time(s)"
     # two dogs: asked once; entity 0 is the left one though the right one scores higher, as annotate
     # pairs them (reference k is drawn from the crop of the object annotate gives entity k)
     dogs = Listed({"dog": [right, left]})
-    assert find_entities(dogs, image, ["dog", "dog"], rules) == [left, right] and dogs.asked == [["dog"]]
+    assert find_entities(dogs, image, ["dog", "dog"], rules) == [(left.box, left.score), (right.box, right.score)] and dogs.asked == [["dog"]]
     assert find_entities(Listed({"dog": [right]}), image, ["dog", "dog"], rules) == \
         "target: 'dog' found 1 time(s) scoring at least 0.3, named 2 time(s)"
     # a second bear scoring 0.8 >= 0.5 x 0.9: the target shows more bears than named
@@ -386,4 +396,4 @@ def test_find_entities_uses_the_annotation_rules():
         random_weights = True
 
     assert find_entities(RandomListed({"bear": [left], "tiger": [same]}), image, ["bear", "tiger"], rules) == \
-        [left, same]
+        [(left.box, left.score), (same.box, same.score)]

@@ -67,7 +67,7 @@ from ..errors import UserError
 from ..images import read_image
 from ..suites.model import phrase_in
 from ..userfiles import show, type_problem
-from .annotators import AnnotateSettings, Annotators, Detection, load_annotators
+from .annotators import AnnotateSettings, Annotators, Detection, MaskAnnotator, load_annotators
 from .triplets import (KEYPOINT_SCHEMAS, MAX_ENTITIES, N_KEYPOINTS, RELATION_NAME, Keypoints, Problem, check_triplets,
                        keypoints_record, mask_box, new_folder, problems_error, read_json_object, sample_files,
                        write_manifest)
@@ -327,14 +327,14 @@ class _Annotated:
     captions: dict[str, Any] | None
 
 
-def _detect(annotators: Annotators, image: "Image.Image", labels: list[str]) -> dict[str, list[Detection]]:
+def detect(masks: MaskAnnotator, image: "Image.Image", labels: list[str]) -> dict[str, list[Detection]]:
     """The mask annotator's detections by label, its output checked (a plugin's mistake is a
     UserError naming it)."""
-    found = annotators.masks.detect(image, labels)
+    found = masks.detect(image, labels)
     size = (image.size[1], image.size[0])
     if len(found) != len(labels) or any(
             not isinstance(d, Detection) or np.shape(d.mask) != size for per in found for d in per):
-        raise UserError(f"the mask annotator {annotators.masks.name} did not return, for each of {len(labels)} "
+        raise UserError(f"the mask annotator {masks.name} did not return, for each of {len(labels)} "
                         f"labels, a list of Detection with a [H, W] = {list(size)} mask",
                         hint="fix the plugin (relationbench.data.annotators.MaskAnnotator)")
     return {label: [replace(d, mask=np.asarray(d.mask, dtype=bool)) for d in per] for label, per in zip(labels, found)}
@@ -366,13 +366,13 @@ def _annotate(sample: RawSample, annotators: Annotators, settings: AnnotateSetti
         raise _Aside("no-references", "no reference images (the triplet format needs one per entity)")
     target = read_image(sample.target)
     labels = list(dict.fromkeys(sample.entities))
-    objects = match_entities(sample.entities, _detect(annotators, target, labels), settings, "target",
+    objects = match_entities(sample.entities, detect(annotators.masks, target, labels), settings, "target",
                              compare=compare)
     keypoints = _keypoints(annotators, target, objects, sample.entities)
     references = []
     for k, (entity, path) in enumerate(zip(sample.entities, sample.references)):
         image = read_image(path)
-        [found] = match_entities([entity], _detect(annotators, image, [entity]), settings, f"reference {k}",
+        [found] = match_entities([entity], detect(annotators.masks, image, [entity]), settings, f"reference {k}",
                                  compare=compare)
         [points] = _keypoints(annotators, image, [found], [entity])
         if points.schema != keypoints[k].schema:

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from ..errors import UserError
-from .annotate import RAW_MANIFEST, RAW_VERSION, _Aside, match_entities
+from .annotate import RAW_MANIFEST, RAW_VERSION, _Aside, detect, match_entities
 from .triplets import MAX_ENTITIES, RELATION_NAME, new_folder
 
 if TYPE_CHECKING:
@@ -415,10 +416,30 @@ def find_entities(masks: "MaskAnnotator", image: "Image.Image", entities: Sequen
     reference; else why not, as a sentence."""
     labels = list(dict.fromkeys(entities))
     try:
-        return match_entities(entities, dict(zip(labels, masks.detect(image, labels))), rules, "target",
+        return match_entities(entities, detect(masks, image, labels), rules, "target",
                               compare=not getattr(masks, "random_weights", False))
     except _Aside as aside:
         return aside.reason
+
+
+class RememberedMasks:
+    """A mask annotator that remembers each (image, labels) detection: synthesize finds the
+    entities in each target, and annotate then asks for that very image again (read back from
+    its lossless PNG, so the same pixels): detected once, and annotate's masks are the objects
+    the references were drawn from. Other attributes are the annotator's."""
+
+    def __init__(self, masks: "MaskAnnotator"):
+        self.masks = masks
+        self._seen: dict[tuple, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.masks, name)
+
+    def detect(self, image: "Image.Image", labels: Sequence[str]):
+        key = (hashlib.sha256(image.tobytes()).hexdigest(), image.size, image.mode, tuple(labels))
+        if key not in self._seen:
+            self._seen[key] = self.masks.detect(image, labels)
+        return self._seen[key]
 
 
 def _plain(settings: Any) -> dict[str, Any]:
@@ -496,8 +517,10 @@ def synthesize(opts: SynthesizeOptions) -> SynthesizeSummary:
         context = Context(backbone=backbone, device=device, dtype=dtype, data_root=tmp, quiet=opts.quiet)
         # the keypoint annotator (and captioner) only when annotating: --no-annotate needs the masks alone
         annotators = load_annotators(backbone, annotate_settings, device=device) if opts.annotate else None
-        masks = (annotators.masks if annotators is not None
-                 else load_mask_annotator(backbone, annotate_settings, device=device))
+        masks = RememberedMasks(annotators.masks if annotators is not None
+                                else load_mask_annotator(backbone, annotate_settings, device=device))
+        if annotators is not None:
+            annotators = dataclasses.replace(annotators, masks=masks)
         generator = make_generator(context)
         references = MSDiffusionReferences(context, settings.reference_card, settings.reference_box)
         with contextlib.ExitStack() as stack:
