@@ -23,7 +23,9 @@ from relationbench.methods.relationbooth import clipself
 from relationbench.methods.relationbooth.clipself import (CHECKPOINT_NAME, CHECKPOINTS, RECORD_NAME, CLIPSelfSettings,
                                                           batch_indices, distill, distillation_loss, region_loss,
                                                           resolve_settings)
-from relationbench.methods.relationbooth.local_tokens import dense_features, load_local_encoder
+from relationbench.methods.relationbooth.local_tokens import dense_features
+
+from .test_local_tokens import load_local_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,8 +114,7 @@ def test_trained_checkpoint_loads_back_with_only_the_trainable_layers_changed(tm
     record = json.loads((out / RECORD_NAME).read_text())
     assert record["settings"]["learning_rate"] == 1e-3 and record["steps"] == 3 and record["info"] == {"note": 1}
 
-    encoder = load_local_encoder(get_backbone("sdxl", {"local_encoder": str(result.checkpoint)}), stock,
-                                 resolution=224)
+    _, encoder = load_local_encoder(get_backbone("sdxl", {"local_encoder": str(result.checkpoint)}), stock)
     assert encoder.kind == "clipself"
     frozen, trained = frozen_and_trained(stock.state_dict(), encoder.tower.state_dict())
     last = "vision_model.encoder.layers.2."
@@ -122,7 +123,7 @@ def test_trained_checkpoint_loads_back_with_only_the_trainable_layers_changed(tm
     assert {"vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.0.mlp.fc1.weight",
             "vision_model.post_layernorm.weight", "visual_projection.weight", last + "self_attn.q_proj.weight"} <= frozen
     picture = [Image.open(images[0]).convert("RGB").resize((512, 512))]
-    stock_tokens = load_local_encoder(get_backbone("tiny"), stock, resolution=224).tokens(picture, 16)
+    stock_tokens = load_local_encoder(get_backbone("tiny"), stock)[1].tokens(picture, 16)
     assert not torch.allclose(encoder.tokens(picture, 16), stock_tokens, atol=1e-4)
     with pytest.raises(UserError, match="already holds"):
         distill(build_tiny_image_encoder(), images, out, settings, progress=False)

@@ -18,7 +18,8 @@ from relationbench.backbones import get_backbone
 from relationbench.errors import UserError
 from relationbench.methods.msdiffusion.encoder import TINY_IMAGE_ENCODER, build_tiny_image_encoder
 from relationbench.methods.relationbooth.local_tokens import (LOCAL_TOKEN_COUNTS, LocalEncoder, clip_pixels,
-                                                             dense_features, hf_to_openclip, load_local_encoder,
+                                                             dense_features, hf_to_openclip, local_encoder_from,
+                                                             local_encoder_identity,
                                                              openclip_to_hf, pool_grid)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,13 +140,19 @@ def test_clip_pixels_are_ms_diffusions_preprocessing_at_another_size():
     torch.testing.assert_close(got[0].amin((1, 2)), want, rtol=1e-5, atol=1e-5)
 
 
+def load_local_encoder(backbone, tower, resolution: int = 224):
+    """(the identity the method records, the encoder it makes of it): what RelationBooth loads."""
+    identity = local_encoder_identity(backbone, resolution=resolution)
+    return identity, local_encoder_from(identity, tower)
+
+
 def test_without_a_local_encoder_weight_the_stock_tower_makes_the_tokens(tower):
     from transformers import CLIPImageProcessor
 
     for backbone in (get_backbone("tiny"), get_backbone("sdxl")):
-        encoder = load_local_encoder(backbone, tower, resolution=224)
-        assert encoder.tower is tower and encoder.kind == "stock"
-        assert encoder.describe() == {"kind": "stock", "source": None, "sha256": None, "resolution": 224}
+        identity, encoder = load_local_encoder(backbone, tower)
+        assert encoder.tower is tower and encoder.kind == "stock" and encoder.resolution == 224
+        assert identity == {"kind": "stock", "resolution": 224}
     images = [picture(seed=3), picture(seed=4)]
     tokens = encoder.tokens(images, 16)
     px = CLIPImageProcessor()(images=images, return_tensors="pt").pixel_values
@@ -187,10 +194,10 @@ def test_a_clipself_checkpoint_loads_into_the_transformers_tower_with_the_same_o
     path = tmp_path / "clipself_epoch_6.pt"
     save_clipself_like(path, visual)
     before = {k: v.clone() for k, v in tower.state_dict().items()}
-    encoder = load_local_encoder(sdxl_with(path), tower, resolution=224)
-    assert encoder.kind == "clipself" and encoder.tower is not tower
-    assert encoder.describe() == {"kind": "clipself", "source": str(path),
-                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "resolution": 224}
+    identity, encoder = load_local_encoder(sdxl_with(path), tower)
+    assert encoder.kind == "clipself" and encoder.tower is not tower and encoder.resolution == 224
+    assert identity == {"kind": "clipself", "source": str(path),
+                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "resolution": 224}
     px = pixels(224)
     with torch.no_grad():
         torch.testing.assert_close(encoder.tower(px).image_embeds, visual(px), rtol=1e-5, atol=1e-5)
@@ -203,8 +210,8 @@ def test_a_clipself_checkpoint_loads_into_the_transformers_tower_with_the_same_o
     bare = tmp_path / "bare"
     bare.mkdir()
     save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, str(bare / "visual.safetensors"))
-    again = load_local_encoder(sdxl_with(bare), tower, resolution=224)
-    assert again.source == str(bare / "visual.safetensors")
+    identity, again = load_local_encoder(sdxl_with(bare), tower)
+    assert identity["source"] == str(bare / "visual.safetensors")
     assert all(torch.equal(v, encoder.tower.state_dict()[k]) for k, v in again.tower.state_dict().items())
 
 
@@ -224,12 +231,12 @@ def test_checkpoints_that_do_not_fit_are_user_errors_naming_the_file(tmp_path, t
     cases["pickled.pt"] = "cannot read"
     for name, message in cases.items():
         with pytest.raises(UserError, match=message) as caught:
-            load_local_encoder(sdxl_with(tmp_path / name), tower, resolution=224)
+            load_local_encoder(sdxl_with(tmp_path / name), tower)
         assert caught.value.path == str(tmp_path / name) and "--weight local_encoder" in caught.value.hint
     with pytest.raises(UserError, match="width 64, 3 layers.*width 48, 3 layers"):
-        load_local_encoder(sdxl_with(tmp_path / "wide.pt"), tower, resolution=224)
+        load_local_encoder(sdxl_with(tmp_path / "wide.pt"), tower)
     with pytest.raises(UserError, match="holds 6 checkpoint files"):
-        load_local_encoder(sdxl_with(tmp_path), tower, resolution=224)
+        load_local_encoder(sdxl_with(tmp_path), tower)
     with pytest.raises(UserError, match="only local_encoder may be given"):  # tiny's one optional weight
         get_backbone("tiny", {"vae": str(tmp_path / "wide.pt")})
 

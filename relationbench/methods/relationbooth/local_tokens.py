@@ -6,7 +6,7 @@ tower, pooled over an evenly split grid, appended after MS-Diffusion's 257 image
     pool_grid        an s x s grid of boxes (s = sqrt(count)), roi_align 1x1 -> [B, count, D]
     LocalEncoder     a tower (the stock one, a CLIPSelf-distilled one, or an open_clip ViT-L / EVA
                      of local_encoders.py) + preprocessing
-    local_encoder_identity / local_encoder_from / load_local_encoder   which tower: the
+    local_encoder_identity / local_encoder_from   which tower (run.json records the identity): the
                      backbone's `local_encoder` weight when given, else the stock tower (the
                      training-free variant); never a silent switch
     openclip_to_hf / hf_to_openclip   the visual tower's weights between open_clip's layout
@@ -145,15 +145,13 @@ class LocalEncoder:
     open_clip architecture of local_encoders.OPEN_CLIP_ENCODERS ("vit-l-14", "eva-clip-l-14").
     """
 
-    def __init__(self, tower: torch.nn.Module, *, kind: str, resolution: int = LOCAL_RESOLUTION,
-                 source: str | None = None, sha256: str | None = None):
+    def __init__(self, tower: torch.nn.Module, *, kind: str, resolution: int = LOCAL_RESOLUTION):
         from .local_encoders import OPEN_CLIP_ENCODERS
 
         if kind not in ("stock", "clipself", *OPEN_CLIP_ENCODERS):
             raise ValueError(f"kind must be stock or clipself, or an open_clip architecture "
                              f"({', '.join(OPEN_CLIP_ENCODERS)}), got {kind!r}")
         self.tower, self.kind, self.resolution = tower, kind, resolution
-        self.source, self.sha256 = source, sha256
 
     @property
     def width(self) -> int:
@@ -161,10 +159,6 @@ class LocalEncoder:
         from .local_encoders import tower_width
 
         return tower_width(self.tower)
-
-    def describe(self) -> dict[str, Any]:
-        """What run.json and bank keys record: which tower made the tokens, at what size."""
-        return {"kind": self.kind, "source": self.source, "sha256": self.sha256, "resolution": self.resolution}
 
     @torch.inference_mode()
     def tokens(self, images: Sequence["Image.Image"], count: int) -> torch.Tensor:
@@ -199,15 +193,7 @@ def local_encoder_from(identity: Mapping[str, Any], stock_tower: torch.nn.Module
         return LocalEncoder(stock_tower, kind="stock", resolution=identity["resolution"])
     weight = next(stock_tower.parameters())
     tower = tower_from_checkpoint(Path(identity["source"]), stock_tower.config).to(weight.device, weight.dtype).eval()
-    return LocalEncoder(tower, kind="clipself", resolution=identity["resolution"], source=identity["source"],
-                        sha256=identity["sha256"])
-
-
-def load_local_encoder(backbone: "Backbone", stock_tower: torch.nn.Module, *,
-                       resolution: int = LOCAL_RESOLUTION) -> LocalEncoder:
-    """The local encoder of the backbone's weights: the CLIPSelf checkpoint of its
-    `local_encoder` weight, else `stock_tower` itself (local_encoder_from)."""
-    return local_encoder_from(local_encoder_identity(backbone, resolution=resolution), stock_tower)
+    return LocalEncoder(tower, kind="clipself", resolution=identity["resolution"])
 
 
 def checkpoint_file(path: Path) -> Path:

@@ -166,8 +166,7 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
             return
         tower = load_open_clip_tower(identity, self.context.backbone)
         self._local = LocalEncoder(tower.to(self.context.device, self.pipe.unet.dtype), kind=identity["kind"],
-                                   resolution=identity["resolution"], source=identity.get("source"),
-                                   sha256=identity.get("sha256"))
+                                   resolution=identity["resolution"])
 
     def local_width(self) -> int:
         """D of the local encoder's tokens (loads it)."""
@@ -281,8 +280,8 @@ class RelationBoothMethod(RelationLoRASampling, MSDiffusionMethod):
         return torch.stack([f[0] for f in features]), torch.stack([f[1] for f in features])
 
     def run_info(self) -> dict[str, Any]:
-        """run.json's record of the local encoder used, and a label for tables when it is the
-        training-free stock tower (never a silent switch: REFERENCE 7)."""
+        """run.json's record of the local encoder used, and a label naming it for tables (the
+        training-free stock tower is never a silent switch: REFERENCE 7)."""
         identity = self.local_identity
         if identity is None:
             return {"local_encoder": None}
