@@ -58,7 +58,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -69,7 +69,8 @@ from ..suites.model import phrase_in
 from ..userfiles import show, type_problem
 from .annotators import AnnotateSettings, Annotators, Detection, MaskAnnotator, load_annotators
 from .triplets import (KEYPOINT_SCHEMAS, MAX_ENTITIES, N_KEYPOINTS, RELATION_NAME, Keypoints, Problem, check_triplets,
-                       keypoints_record, mask_box, new_folder, problems_error, read_json_object, sample_files,
+                       keypoints_record, mask_box, new_folder, problems_error, read_json_object, relative_inside,
+                       sample_files,
                        write_manifest)
 
 if TYPE_CHECKING:
@@ -258,8 +259,8 @@ def _raw_sample(raw: Path, index: int, record: Any, problems: list[Problem]) -> 
 
 def _raw_file(raw: Path, value: str, what: str, fail) -> Path | None:
     """A file named by raw.json: relative to RAW, inside it, existing."""
-    rel = PurePosixPath(value.replace("\\", "/"))
-    if not value.strip() or rel.is_absolute() or ".." in rel.parts or re.match(r"^[A-Za-z]:", value):
+    rel = relative_inside(value)
+    if rel is None:
         fail(f"{what} {value!r} must be a file path relative to the RAW folder, inside it")
         return None
     if not (raw / rel).is_file():

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import UserError
 from . import DEFAULT_ROOT, data_root
+from .annotators import PERSON_NOUNS
 from .example_triplets import _PERSON, _QUADRUPED, _draw
 from .triplets import new_folder
 
@@ -25,14 +26,13 @@ SIZE = 256
 IMAGES_PER_SUBJECT = 2
 ANIMALS = ("dog", "cat", "bear", "tiger", "horse", "cow", "pet", "animal", "duck", "rabbit", "monkey", "lion",
            "panda", "penguin", "elephant", "bird", "sloth", "fox", "wolf", "turtle", "owl", "pig", "plushie")
-PEOPLE = ("person", "man", "woman", "boy", "girl", "people", "child", "human", "kid")
 NOTE = ("These are synthetic stand-ins written by `relbench data example-subjects`, not the datasets' "
         "images. Use this folder only with --data-dir for dry runs; scores against it mean nothing.\n")
 
 
 def _kind(subject) -> str:
     words = f"{subject.class_noun} {subject.category or ''}".lower().split()
-    if any(w in PEOPLE for w in words):
+    if any(w in PERSON_NOUNS for w in words):  # the keypoint annotator's people: drawn as people
         return "person"
     return "animal" if any(w in ANIMALS or w == "pets" for w in words) else "object"
 

@@ -355,6 +355,15 @@ class _ImageCache:
         return self._sizes[path]
 
 
+def relative_inside(value: str) -> PurePosixPath | None:
+    """A manifest's file path as a relative path that stays inside its folder (either slash);
+    None for an empty, absolute, drive-lettered or `..` path."""
+    rel = PurePosixPath(value.replace("\\", "/"))
+    if not value.strip() or rel.is_absolute() or ".." in rel.parts or re.match(r"^[A-Za-z]:", value):
+        return None
+    return rel
+
+
 class _Sample:
     """Checks one manifest record; `result` is the TripletSample when nothing is wrong."""
 
@@ -444,8 +453,8 @@ class _Sample:
 
     def path(self, value: str, what: str) -> Path | None:
         """A file named by the manifest, relative to the relation folder and staying inside it."""
-        rel = PurePosixPath(value.replace("\\", "/"))
-        if not value.strip() or rel.is_absolute() or ".." in rel.parts or re.match(r"^[A-Za-z]:", value):
+        rel = relative_inside(value)
+        if rel is None:
             self.fail(f"{what} {value!r} must be a file path relative to the relation folder, inside it")
             return None
         return self.folder / rel
